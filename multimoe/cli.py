@@ -1,0 +1,97 @@
+"""The command line: ``python train.py fit|validate|test|predict --config configs/<x>.yaml [--key value]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from multimoe.config import ConfigError
+from multimoe.data.datamodule import MultiModalDataModule
+from multimoe.data.manifest import ManifestError
+from multimoe.lit_module import MultiMoEModule
+
+
+class MultiMoECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:02d}-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit"
+        )
+        parser.link_arguments("model.config", "data.config")
+        parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") or None
+        metrics = _scalars(self.trainer.callback_metrics)
+        if self.config_init[self.subcommand].get("test_after_fit") and "test" in self.datamodule.rows:
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+            metrics |= _scalars(results[0]) if results else {}
+        self._summary(metrics, best, getattr(checkpoint, "last_model_path", None))
+
+    def after_test(self) -> None:
+        self._summary(
+            _scalars(self.trainer.callback_metrics), self.config_init["test"].get("ckpt_path"), None
+        )
+
+    def after_validate(self) -> None:
+        self._summary(
+            _scalars(self.trainer.callback_metrics), self.config_init["validate"].get("ckpt_path"), None
+        )
+
+    def after_predict(self) -> None:
+        predictions = self.trainer.predict_loop.predictions
+        out = Path(self.trainer.log_dir or ".") / "predictions.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for batch in predictions:
+                for row in batch:
+                    f.write(json.dumps(row) + "\n")
+        print(f"wrote {sum(len(b) for b in predictions)} predictions to {out}")
+
+    def _summary(self, metrics: dict[str, float], best: str | None, last: str | None) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        keys = [k for k in sorted(metrics) if "routing/" not in k and not k.endswith("_step")]
+        lines = ["", "=" * 60, "multimoe summary"]
+        lines += [f"  {k:<28} {metrics[k]:.4f}" for k in keys]
+        if best:
+            lines.append(f"  best checkpoint: {best}")
+        if last:
+            lines.append(f"  last checkpoint: {last}")
+        lines.append("=" * 60)
+        print("\n".join(lines))
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of train.py; bad manifests and configs end with one clear line, not a stack trace."""
+    try:
+        MultiMoECLI(
+            MultiMoEModule,
+            MultiModalDataModule,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (ManifestError, ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

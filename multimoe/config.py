@@ -1,0 +1,290 @@
+"""Typed configuration of a MultiMoE model: one dataclass per component and modality, no torch import.
+
+Every config validates itself in ``__post_init__`` and names the field and the allowed values when it refuses.
+``MultiMoEConfig.to_dict`` / ``from_dict`` give the plain-dict form used in YAML files and in saved models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MODALITY_NAMES = ("text", "image", "audio")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0, f"{type(obj).__name__}.{name}", f"must be > 0, got {value!r}")
+
+
+@dataclass
+class TextEncoderConfig:
+    """Text encoder over transformers.
+
+    ``backbone="scratch"`` builds a small BERT from the sizes below with the project's word-level tokenizer
+    (``vocab_size`` is filled in from it); any other value is a transformers model id or local directory,
+    loaded with its own tokenizer, and the sizes below are ignored.
+    """
+
+    backbone: str = "scratch"
+    vocab_size: int = 0
+    hidden_size: int = 128
+    num_layers: int = 1
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length")
+        _check(self.vocab_size >= 0, "TextEncoderConfig.vocab_size", "must be >= 0 (set from the tokenizer)")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "TextEncoderConfig.hidden_size",
+            f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}",
+        )
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Image encoder over timm: any timm model name; ``timm_kwargs`` override its architecture."""
+
+    backbone: str = "vit_tiny_patch16_224"
+    pretrained: bool = False
+    image_size: int = 16
+    in_chans: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    timm_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": 4}
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "in_chans")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        for name in ("mean", "std"):
+            _check(
+                len(getattr(self, name)) == self.in_chans,
+                f"ImageEncoderConfig.{name}",
+                f"needs one value per channel (in_chans={self.in_chans}), got {getattr(self, name)}",
+            )
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Audio encoder: torchaudio log-mel front end (SpecAugment in training) and a small patch transformer."""
+
+    sample_rate: int = 16000
+    max_seconds: float = 2.0
+    n_mels: int = 40
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    patch_frames: int = 4
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    spec_augment: bool = True
+    freq_mask: int = 6
+    time_mask: int = 8
+
+    def __post_init__(self) -> None:
+        _positive(self, "sample_rate", "max_seconds", "n_mels", "win_ms", "hop_ms", "patch_frames")
+        _positive(self, "hidden_size", "num_layers", "num_heads")
+        _check(self.hop_ms <= self.win_ms, "AudioEncoderConfig.hop_ms", f"must be <= win_ms={self.win_ms}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "AudioEncoderConfig.hidden_size",
+            f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}",
+        )
+
+
+RouterKind = Literal["mixtral", "switch"]
+DispatchKind = Literal["sorted", "reference"]
+
+
+@dataclass
+class MoEConfig:
+    """Sparse MoE FFN layers of the shared trunk (ARCHITECTURE.md section 3).
+
+    Expert pool per MoE layer: ``experts_per_modality`` for each modality, ``cross_modal_experts`` that every
+    modality may use (from block ``cross_modal_from_layer`` upward), and ``shared_experts`` that every token
+    always uses. ``every=0`` turns MoE off (an all-dense trunk). In a block where a modality may use fewer
+    than ``top_k`` experts (below ``cross_modal_from_layer``), it uses all of them.
+    """
+
+    every: int = 2
+    experts_per_modality: int = 2
+    cross_modal_experts: int = 2
+    cross_modal_from_layer: int = 0
+    shared_experts: int = 0
+    top_k: int = 2
+    router: RouterKind = "mixtral"
+    expert_d_ff: int = 256
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    dispatch: DispatchKind = "sorted"
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "MoEConfig.every", f"must be >= 0 (0 = no MoE), got {self.every}")
+        for name in (
+            "experts_per_modality",
+            "cross_modal_experts",
+            "shared_experts",
+            "cross_modal_from_layer",
+        ):
+            _check(getattr(self, name) >= 0, f"MoEConfig.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(
+            self.experts_per_modality + self.cross_modal_experts > 0,
+            "MoEConfig.experts_per_modality",
+            "a MoE layer needs routed experts: experts_per_modality + cross_modal_experts must be > 0",
+        )
+        _positive(self, "top_k", "expert_d_ff")
+        _check(
+            self.router in ("mixtral", "switch"),
+            "MoEConfig.router",
+            f"must be 'mixtral' or 'switch', got {self.router!r}",
+        )
+        _check(self.router != "switch" or self.top_k == 1, "MoEConfig.top_k", "the 'switch' router is top-1")
+        _check(
+            self.dispatch in ("sorted", "reference"),
+            "MoEConfig.dispatch",
+            f"must be 'sorted' or 'reference', got {self.dispatch!r}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def is_moe_block(self, index: int) -> bool:
+        """MoE in every ``every``-th block, counting from 1 (every=2: blocks 1, 3, 5, ...)."""
+        return self.enabled and (index + 1) % self.every == 0
+
+    def num_cross_experts(self, index: int) -> int:
+        return self.cross_modal_experts if index >= self.cross_modal_from_layer else 0
+
+
+@dataclass
+class TrunkConfig:
+    """The shared pre-norm transformer; dense blocks use ``d_ff``, MoE blocks use ``MoEConfig``."""
+
+    d_model: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    d_ff: int = 512
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "d_model", "depth", "num_heads", "d_ff")
+        _check(
+            self.d_model % self.num_heads == 0,
+            "TrunkConfig.d_model",
+            f"must be divisible by num_heads={self.num_heads}, got {self.d_model}",
+        )
+        _check(0.0 <= self.dropout < 1.0, "TrunkConfig.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ClassifierConfig:
+    """A learned query reads the trunk through ``depth`` cross-attention blocks, then a linear layer.
+    ``num_classes`` is filled in from the training manifest's labels."""
+
+    enabled: bool = True
+    num_classes: int = 0
+    depth: int = 2
+    d_ff: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 0, "ClassifierConfig.num_classes", "must be >= 0 (0 = no classifier)")
+        _positive(self, "depth", "d_ff")
+
+
+@dataclass
+class CaptionConfig:
+    """Causal caption decoder cross-attending to the trunk; ``vocab_size`` is filled in from the tokenizer."""
+
+    enabled: bool = True
+    vocab_size: int = 0
+    depth: int = 2
+    num_heads: int = 4
+    d_ff: int = 256
+    max_length: int = 24
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 0, "CaptionConfig.vocab_size", "must be >= 0 (0 = no caption decoder)")
+        _positive(self, "depth", "num_heads", "d_ff", "max_length")
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            "CaptionConfig.label_smoothing",
+            f"must be in [0, 1), got {self.label_smoothing}",
+        )
+
+
+@dataclass
+class MultiMoEConfig:
+    """The whole model: which modalities, their encoders, the shared MoE trunk and the heads."""
+
+    modalities: list[str] = field(default_factory=lambda: list(MODALITY_NAMES))
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.modalities) > 0, "MultiMoEConfig.modalities", "needs at least one modality")
+        for name in self.modalities:
+            _check(
+                name in MODALITY_NAMES,
+                "MultiMoEConfig.modalities",
+                f"unknown modality {name!r}; allowed: {', '.join(MODALITY_NAMES)}",
+            )
+        _check(
+            len(set(self.modalities)) == len(self.modalities),
+            "MultiMoEConfig.modalities",
+            f"lists a modality twice: {self.modalities}",
+        )
+        # Keep a fixed order (Modality order), whatever order the user wrote.
+        self.modalities = [name for name in MODALITY_NAMES if name in self.modalities]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultiMoEConfig:
+        parts = {
+            "text": TextEncoderConfig,
+            "image": ImageEncoderConfig,
+            "audio": AudioEncoderConfig,
+            "trunk": TrunkConfig,
+            "moe": MoEConfig,
+            "classifier": ClassifierConfig,
+            "caption": CaptionConfig,
+        }
+        unknown = set(data) - set(parts) - {"modalities"}
+        _check(not unknown, "MultiMoEConfig", f"unknown fields {sorted(unknown)}")
+        kwargs: dict[str, Any] = {
+            name: _build(parts[name], value) for name, value in data.items() if name in parts
+        }
+        if "modalities" in data:
+            kwargs["modalities"] = list(data["modalities"])
+        return cls(**kwargs)
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    _check(not unknown, cls.__name__, f"unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
+    return cls(**values)

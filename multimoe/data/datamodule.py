@@ -1,0 +1,105 @@
+"""LightningDataModule over manifest files: reads and checks every manifest up front, so a bad row stops the
+run before the first step; the label set and vocabulary come from the training manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from multimoe.config import MultiMoEConfig
+from multimoe.data.collate import Batch, Collator
+from multimoe.data.dataset import ManifestDataset
+from multimoe.data.manifest import ManifestRow, label_set, read_manifest
+from multimoe.data.processors import AudioProcessor, ImageProcessor, TextProcessor
+from multimoe.data.tokenizer import WordTokenizer
+
+
+class MultiModalDataModule(L.LightningDataModule):
+    """Args:
+    train_manifest: JSONL manifest for training; its labels and words give the model's classes and vocabulary.
+    val_manifest, test_manifest, predict_manifest: any other manifests (predict falls back to test).
+    batch_size, num_workers: DataLoader settings.
+    config: the model's config (linked from ``model.config`` by the CLI): which modalities to read and how
+        to process them.
+    cache: keep decoded images and waveforms in memory (files are often reused across samples).
+    """
+
+    def __init__(
+        self,
+        train_manifest: str,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        predict_manifest: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        config: MultiMoEConfig | None = None,
+        cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config or MultiMoEConfig()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache = cache
+        paths = {"fit": train_manifest, "validate": val_manifest, "test": test_manifest}
+        paths["predict"] = predict_manifest or test_manifest
+        self.rows: dict[str, list[ManifestRow]] = {
+            stage: read_manifest(Path(path)) for stage, path in paths.items() if path is not None
+        }
+        train = self.rows["fit"]
+        self.labels: list[str] = label_set(train)
+        self.words = WordTokenizer.build([t for r in train for t in [r.text or "", *r.captions]])
+        self.vocab: list[str] = self.words.vocab
+        self.datasets: dict[str, ManifestDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        c = self.config
+        image = ImageProcessor(c.image) if "image" in c.modalities else None
+        audio = AudioProcessor(c.audio) if "audio" in c.modalities else None
+        for name, rows in self.rows.items():
+            if name not in self.datasets:
+                self.datasets[name] = ManifestDataset(
+                    rows,
+                    c.modalities,
+                    self.labels,
+                    self.words,
+                    image,
+                    audio,
+                    c.caption.max_length,
+                    self.cache,
+                )
+        text = TextProcessor(c.text, self.words) if "text" in c.modalities else None
+        self.collate = Collator(text, self.words.pad_id)
+
+    def _loader(self, stage: str, shuffle: bool = False) -> DataLoader[Batch]:
+        if stage not in self.datasets:
+            raise ValueError(f"no manifest given for '{stage}': set data.{_ARG[stage]}")
+        return DataLoader(
+            self.datasets[stage],  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Batch]:
+        return self._loader("fit", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Batch]:
+        return self._loader("validate")
+
+    def test_dataloader(self) -> DataLoader[Batch]:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader[Batch]:
+        return self._loader("predict")
+
+
+_ARG = {
+    "fit": "train_manifest",
+    "validate": "val_manifest",
+    "test": "test_manifest",
+    "predict": "predict_manifest",
+}

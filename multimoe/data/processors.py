@@ -1,0 +1,99 @@
+"""Turn files and strings into encoder inputs: text -> ids, image file -> pixels, audio file -> waveform."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multimoe.config import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig
+from multimoe.data.tokenizer import WordTokenizer
+
+
+class TextProcessor:
+    """Batch of strings -> ``{"input_ids", "attention_mask"}`` (B, L), with the encoder's own tokenizer."""
+
+    def __init__(self, config: TextEncoderConfig, words: WordTokenizer) -> None:
+        self.max_length = config.max_length
+        self.words: WordTokenizer | None = None
+        self.hf: Any = None
+        if config.backbone == "scratch":
+            self.words = words
+        else:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(config.backbone)
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.hf is not None:
+            out = self.hf(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        assert self.words is not None
+        encoded = [self.words.encode(t)[: self.max_length] or [self.words.unk_id] for t in texts]
+        return pad_sequences(encoded, self.words.pad_id)
+
+
+class ImageProcessor:
+    """Image file -> ``(C, H, W)`` float pixels, resized to ``image_size`` and normalised."""
+
+    def __init__(self, config: ImageEncoderConfig) -> None:
+        self.size = config.image_size
+        self.mode = {1: "L", 3: "RGB"}.get(config.in_chans)
+        if self.mode is None:
+            raise ValueError(
+                f"ImageEncoderConfig.in_chans must be 1 or 3 to read image files, got {config.in_chans}"
+            )
+        self.mean = torch.tensor(config.mean)[:, None, None]
+        self.std = torch.tensor(config.std)[:, None, None]
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(path) as file:
+            image = file.convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+        pixels = torch.from_numpy(array.reshape(self.size, self.size, -1)).permute(2, 0, 1)
+        return (pixels - self.mean) / self.std
+
+
+class AudioProcessor:
+    """Audio file -> mono float waveform ``(T,)`` at the encoder's sample rate, cut at ``max_seconds``."""
+
+    def __init__(self, config: AudioEncoderConfig) -> None:
+        self.sample_rate = config.sample_rate
+        self.max_samples = int(config.max_seconds * config.sample_rate)
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        import soundfile
+        import torchaudio.functional
+
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
+        if data.shape[0] == 0:
+            raise ValueError("the audio file holds no samples")
+        waveform = torch.from_numpy(data).mean(dim=1)
+        if rate != self.sample_rate:
+            waveform = torchaudio.functional.resample(waveform, rate, self.sample_rate)
+        if waveform.shape[0] > self.max_samples:
+            warnings.warn(
+                f"{path}: {waveform.shape[0] / self.sample_rate:.2f} s cut to max_seconds="
+                f"{self.max_samples / self.sample_rate}",
+                stacklevel=2,
+            )
+            waveform = waveform[: self.max_samples]
+        return waveform
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad id lists -> ``{"input_ids", "attention_mask"}`` (B, L_max)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,273 @@
+"""The training system: losses, metrics, logging and optimisation around a MultiMoE (no architecture here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, cast
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import BLEUScore
+
+from multimoe.config import MultiMoEConfig
+from multimoe.data.collate import Batch
+from multimoe.data.dataset import IGNORE_INDEX
+from multimoe.data.tokenizer import WordTokenizer
+from multimoe.modality import Modality
+from multimoe.model import MultiMoE, MultiMoEOutput, build_model
+
+
+class MultiMoEModule(L.LightningModule):
+    """Args:
+    config: the model's architecture (typed, see ``multimoe.config``).
+    labels: class names, in class-index order (the CLI fills them in from the training manifest).
+    vocab: the word vocabulary of the tokenizer (likewise filled in from the training manifest).
+    lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to zero.
+    caption_loss_weight: weight of the caption loss against the classification loss.
+    """
+
+    def __init__(
+        self,
+        config: MultiMoEConfig | None = None,
+        labels: list[str] | None = None,
+        vocab: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        caption_loss_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(config, dict):  # from a checkpoint's hyper-parameters
+            config = MultiMoEConfig.from_dict(config)
+        self.labels = list(labels or [])
+        self.words = WordTokenizer(list(vocab)) if vocab else None
+        self.config = _sized(config or MultiMoEConfig(), len(self.labels), len(self.words or []))
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.caption_loss_weight = caption_loss_weight
+        self.save_hyperparameters(
+            {"config": self.config.to_dict(), "labels": self.labels, "vocab": vocab, "lr": lr}
+            | {
+                "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps,
+                "caption_loss_weight": caption_loss_weight,
+            }
+        )
+        self.model: MultiMoE = build_model(self.config)
+        num_classes = max(len(self.labels), 2)
+        self.metrics = torch.nn.ModuleDict(
+            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
+            | {f"{s}_caption_exact": MeanMetric() for s in ("val", "test")}
+            | {f"{s}_bleu4": BLEUScore(n_gram=4) for s in ("val", "test")}
+        )
+        self.routing: list[torch.Tensor] = []  # summed tokens_per_expert per MoE layer, over an eval epoch
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> MultiMoEOutput:
+        caption_in = None if batch.caption_ids is None else batch.caption_ids[:, :-1]
+        return self.model(batch.inputs, caption_in)
+
+    def _losses(self, batch: Batch, out: MultiMoEOutput) -> dict[str, torch.Tensor]:
+        losses = {"aux": out.aux_loss}
+        if out.class_logits is not None:
+            count = (batch.labels != IGNORE_INDEX).sum().clamp_min(1)
+            ce = F.cross_entropy(
+                out.class_logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            losses["cls"] = ce / count
+        if out.caption_logits is not None and batch.caption_ids is not None and self.words is not None:
+            target = batch.caption_ids[:, 1:]
+            count = (target != self.words.pad_id).sum().clamp_min(1)
+            ce = F.cross_entropy(
+                out.caption_logits.flatten(0, 1).float(),
+                target.flatten(),
+                ignore_index=self.words.pad_id,
+                label_smoothing=self.config.caption.label_smoothing,
+                reduction="sum",
+            )
+            losses["caption"] = ce / count
+        losses["loss"] = (
+            losses["aux"] + losses.get("cls", 0.0) + self.caption_loss_weight * losses.get("caption", 0.0)
+        )
+        return losses
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        losses = self._losses(batch, out)
+        self._log_losses("train", losses, out, len(batch))
+        if out.class_logits is not None:
+            self._update_accuracy("train", out.class_logits, batch.labels)
+            self.log(
+                "train/acc", self._metric("train_acc"), on_step=False, on_epoch=True, batch_size=len(batch)
+            )
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: Batch) -> None:
+        out = self(batch)
+        self._log_losses(stage, self._losses(batch, out), out, len(batch))
+        for layer, stats in enumerate(out.router_stats):
+            if layer == len(self.routing):
+                self.routing.append(torch.zeros_like(stats.tokens_per_expert))
+            self.routing[layer] += stats.tokens_per_expert
+        if out.class_logits is not None:
+            self._update_accuracy(stage, out.class_logits, batch.labels)
+            self.log(
+                f"{stage}/acc",
+                self._metric(f"{stage}_acc"),
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=len(batch),
+            )
+        if self.model.captioner is not None and any(batch.references):
+            self._eval_captions(stage, batch)
+
+    def _eval_captions(self, stage: str, batch: Batch) -> None:
+        captions = self.generate_captions(batch)
+        have = [i for i, refs in enumerate(batch.references) if refs]
+        assert self.words is not None
+        refs = [[self.words.normalize(r) for r in batch.references[i]] for i in have]
+        preds = [captions[i] for i in have]
+        matches = torch.tensor([float(p in r) for p, r in zip(preds, refs, strict=True)], device=self.device)
+        for name in ("caption_exact", "bleu4"):
+            metric = self._metric(f"{stage}_{name}")
+            metric.update(matches) if name == "caption_exact" else metric.update(preds, refs)
+            self.log(
+                f"{stage}/{name}",
+                metric,
+                on_epoch=True,
+                prog_bar=name == "caption_exact",
+                batch_size=len(have),
+            )
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        out = self(batch)
+        rows: list[dict[str, Any]] = [{"id": i} for i in batch.ids]
+        if out.class_logits is not None:
+            probs = out.class_logits.float().softmax(dim=-1)
+            prob, index = probs.max(dim=-1)
+            for row, p, k in zip(rows, prob.tolist(), index.tolist(), strict=True):
+                row |= {"label": self.labels[k], "probability": round(p, 6)}
+        if self.model.captioner is not None:
+            for row, caption in zip(rows, self.generate_captions(batch), strict=True):
+                row["caption"] = caption
+        return rows
+
+    def generate_captions(self, batch: Batch) -> list[str]:
+        assert self.words is not None
+        ids = self.model.generate(batch.inputs, self.words.bos_id, self.words.eos_id)
+        return [self.words.decode(seq) for seq in ids.tolist()]
+
+    # ---- logging -----------------------------------------------------------------------------------------
+    def _metric(self, name: str) -> Metric:
+        return cast(Metric, self.metrics[name])
+
+    def _update_accuracy(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        keep = labels != IGNORE_INDEX
+        self._metric(f"{stage}_acc").update(logits[keep], labels[keep])
+
+    def _log_losses(
+        self, stage: str, losses: dict[str, torch.Tensor], out: MultiMoEOutput, size: int
+    ) -> None:
+        on_step = stage == "train"
+        for name, value in losses.items():
+            self.log(
+                f"{stage}/{name}_loss" if name != "loss" else f"{stage}/loss",
+                value,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name == "loss",
+                batch_size=size,
+            )
+        if out.router_stats:
+            n = len(out.router_stats)
+            self.log(
+                f"{stage}/load_balance",
+                sum(s.load_balance_loss for s in out.router_stats) / n,
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=size,
+            )
+            self.log(
+                f"{stage}/router_z",
+                sum(s.z_loss for s in out.router_stats) / n,
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=size,
+            )
+            self.log(
+                f"{stage}/router_entropy",
+                sum(s.entropy for s in out.router_stats) / n,
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=size,
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_routing("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_routing("test")
+
+    def _log_routing(self, stage: str) -> None:
+        """Share of each modality's tokens that each of its allowed experts received, per MoE layer."""
+        self.routing_shares = routing_shares(self.routing, self.config.modalities)
+        for (layer, modality, expert), share in self.routing_shares.items():
+            self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)
+        self.routing = []
+
+    # ---- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def routing_shares(routing: list[torch.Tensor], modalities: list[str]) -> dict[tuple[int, str, int], float]:
+    """``{(layer, modality, expert): share of the modality's token assignments}`` for experts that got any."""
+    shares = {}
+    for layer, counts in enumerate(routing):
+        for name in modalities:
+            row = counts[Modality.from_name(name)].float()
+            total = row.sum()
+            if total > 0:
+                for expert in torch.nonzero(row).flatten().tolist():
+                    shares[(layer, name, expert)] = float(row[expert] / total)
+    return shares
+
+
+def _sized(config: MultiMoEConfig, num_classes: int, vocab_size: int) -> MultiMoEConfig:
+    """The config with head and vocabulary sizes taken from the data."""
+    text = config.text
+    if text.backbone == "scratch" and vocab_size:
+        text = dataclasses.replace(text, vocab_size=vocab_size)
+    classify = config.classifier.enabled and num_classes >= 2
+    caption = config.caption.enabled and vocab_size > 0
+    return dataclasses.replace(
+        config,
+        text=text,
+        classifier=dataclasses.replace(config.classifier, num_classes=num_classes if classify else 0),
+        caption=dataclasses.replace(config.caption, vocab_size=vocab_size if caption else 0),
+    )

@@ -1,0 +1,148 @@
+"""MultiMoE: modality encoders -> projectors -> shared MoE trunk -> heads; ``build_model`` is the one root
+that knows the concrete classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from multimoe.config import MultiMoEConfig
+from multimoe.encoders import AudioEncoder, ImageEncoder, Projector, TextEncoder
+from multimoe.heads import CaptionDecoder, ClassificationHead
+from multimoe.modality import Modality, ModalityTokens, MultiModalInputs
+from multimoe.moe.experts import Experts
+from multimoe.moe.layer import MoELayer, RouterStats, modality_expert_mask
+from multimoe.moe.router import Router
+from multimoe.trunk import MLP, Block, SharedTransformer
+
+
+@dataclass
+class MultiMoEOutput:
+    class_logits: torch.Tensor | None  # (B, num_classes)
+    caption_logits: torch.Tensor | None  # (B, L, vocab), teacher-forced
+    trunk: ModalityTokens  # trunk output tokens (B, N, d) with mask and modality ids
+    router_stats: list[RouterStats]  # one per MoE block, bottom to top
+    aux_loss: torch.Tensor  # sum over MoE blocks of the weighted load-balancing and z-losses
+
+
+class MultiMoE(nn.Module):
+    def __init__(
+        self,
+        config: MultiMoEConfig,
+        encoders: dict[Modality, TextEncoder | ImageEncoder | AudioEncoder],
+        projectors: dict[Modality, Projector],
+        trunk: SharedTransformer,
+        classifier: ClassificationHead | None,
+        captioner: CaptionDecoder | None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities = sorted(encoders)
+        self.encoders = nn.ModuleDict({m.key: encoders[m] for m in self.modalities})
+        self.projectors = nn.ModuleDict({m.key: projectors[m] for m in self.modalities})
+        self.trunk = trunk
+        self.classifier = classifier
+        self.captioner = captioner
+
+    def encode(self, inputs: MultiModalInputs) -> ModalityTokens:
+        """Encode each present modality and lay its tokens out for the whole batch, in Modality order."""
+        b, d = inputs.batch_size, self.config.trunk.d_model
+        parts = []
+        for m in self.modalities:
+            if m not in inputs.parts:
+                continue
+            part = inputs.parts[m]
+            tokens, mask = self.encoders[m.key](**part.tensors)  # (B_m, N_m, D_m), (B_m, N_m)
+            tokens = self.projectors[m.key](tokens)  # (B_m, N_m, d)
+            full = tokens.new_zeros(b, tokens.shape[1], d)
+            full[part.rows] = tokens  # (B, N_m, d)
+            full_mask = mask.new_zeros(b, mask.shape[1])
+            full_mask[part.rows] = mask  # (B, N_m); rows without modality m stay all-False
+            ids = torch.full_like(full_mask, int(m), dtype=torch.long)
+            parts.append(ModalityTokens(full, full_mask, ids))
+        if not parts:
+            raise ValueError(
+                f"the batch holds none of this model's modalities {[m.key for m in self.modalities]}"
+            )
+        return ModalityTokens.concat(parts)
+
+    def forward(self, inputs: MultiModalInputs, caption_ids: torch.Tensor | None = None) -> MultiMoEOutput:
+        x = self.encode(inputs)  # tokens (B, N, d), mask (B, N), modality_ids (B, N)
+        h, router_stats = self.trunk(x.tokens, x.mask, x.modality_ids)  # (B, N, d)
+        class_logits = None if self.classifier is None else self.classifier(h, x.mask)  # (B, C)
+        caption_logits = None
+        if self.captioner is not None and caption_ids is not None:
+            caption_logits = self.captioner(caption_ids, h, x.mask)  # (B, L, V)
+        return MultiMoEOutput(
+            class_logits=class_logits,
+            caption_logits=caption_logits,
+            trunk=ModalityTokens(h, x.mask, x.modality_ids),
+            router_stats=router_stats,
+            aux_loss=self.aux_loss(router_stats, h),
+        )
+
+    def aux_loss(self, router_stats: list[RouterStats], like: torch.Tensor) -> torch.Tensor:
+        moe = self.config.moe
+        total = like.new_zeros((), dtype=torch.float32)
+        for stats in router_stats:
+            total = total + moe.load_balance_coef * stats.load_balance_loss + moe.z_loss_coef * stats.z_loss
+        return total
+
+    @torch.no_grad()
+    def generate(
+        self, inputs: MultiModalInputs, bos_id: int, eos_id: int, max_length: int | None = None
+    ) -> torch.Tensor:
+        """Greedy captions: ids (B, L) without BOS, ``eos_id`` after each caption's end."""
+        if self.captioner is None:
+            raise ValueError("this model has no caption decoder (caption.vocab_size = 0)")
+        x = self.encode(inputs)
+        h, _ = self.trunk(x.tokens, x.mask, x.modality_ids)
+        return self.captioner.generate(h, x.mask, bos_id, eos_id, max_length)
+
+
+def build_model(config: MultiMoEConfig, pad_id: int = 0) -> MultiMoE:
+    """The composition root: the only place that maps configs to concrete modules."""
+    d = config.trunk.d_model
+    modalities = [Modality.from_name(name) for name in config.modalities]
+    encoders: dict[Modality, TextEncoder | ImageEncoder | AudioEncoder] = {}
+    for m in modalities:
+        if m is Modality.TEXT:
+            encoders[m] = TextEncoder(config.text, pad_id=pad_id)
+        elif m is Modality.IMAGE:
+            encoders[m] = ImageEncoder(config.image)
+        else:
+            encoders[m] = AudioEncoder(config.audio)
+    projectors = {m: Projector(encoders[m].out_dim, d) for m in modalities}
+    blocks = [
+        Block(d, config.trunk.num_heads, _ffn(config, i, modalities), config.trunk.dropout)
+        for i in range(config.trunk.depth)
+    ]
+    trunk = SharedTransformer(blocks, d)
+    classifier = None
+    if config.classifier.num_classes > 0:
+        head = config.classifier
+        classifier = ClassificationHead(d, head.num_classes, head.depth, config.trunk.num_heads, head.d_ff)
+    captioner = None
+    if config.caption.vocab_size > 0:
+        c = config.caption
+        captioner = CaptionDecoder(c.vocab_size, d, c.depth, c.num_heads, c.d_ff, c.max_length)
+    return MultiMoE(config, encoders, projectors, trunk, classifier, captioner)
+
+
+def _ffn(config: MultiMoEConfig, index: int, modalities: list[Modality]) -> MLP | MoELayer:
+    moe, d = config.moe, config.trunk.d_model
+    if not moe.is_moe_block(index):
+        return MLP(d, config.trunk.d_ff)
+    allowed = modality_expert_mask(
+        [int(m) for m in modalities], len(Modality), moe.experts_per_modality, moe.num_cross_experts(index)
+    )
+    shared = MLP(d, moe.expert_d_ff * moe.shared_experts) if moe.shared_experts > 0 else None
+    top_k = min(moe.top_k, moe.experts_per_modality + moe.num_cross_experts(index))
+    return MoELayer(
+        Router(d, allowed, top_k, moe.router),
+        Experts(allowed.shape[1], d, moe.expert_d_ff),
+        shared,
+        moe.dispatch,
+    )

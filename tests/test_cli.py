@@ -1,0 +1,96 @@
+"""train.py as a user runs it: train, evaluate a hand-written manifest; bad input ends with one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(
+    digit_manifests: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("run")
+    data = [f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()]
+    result = run(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        *data,
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "multimoe summary" in result.stdout and "test/acc" in result.stdout
+    checkpoints = sorted((root / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in checkpoints} >= {"last.ckpt"} and len(checkpoints) == 2
+    return root / "checkpoints" / "last.ckpt", data
+
+
+@pytest.mark.slow
+def test_test_command_evaluates_a_hand_written_manifest(
+    trained: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    checkpoint, data = trained
+    manifest = tmp_path / "mine.jsonl"
+    manifest.write_text(
+        json.dumps(
+            {
+                "id": "a",
+                "image": str(SHARED_DATA / "mnist/3/0000.png"),
+                "text": "four",
+                "label": "odd",
+                "caption": "a handwritten 3 and the word four",
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {"id": "b", "audio": str(SHARED_DATA / "fsdd/recordings/2_jackson_0.wav"), "label": "even"}
+        )
+        + "\n"
+    )
+    result = run(
+        "test",
+        "--config",
+        "configs/tiny.yaml",
+        *data,
+        f"--ckpt_path={checkpoint}",
+        f"--data.test_manifest={manifest}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/acc" in result.stdout and "test/caption_exact" in result.stdout
+
+
+@pytest.mark.slow
+def test_bad_manifest_row_ends_with_file_line_and_field(
+    digit_manifests: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    lines = digit_manifests["val"].read_text().splitlines()
+    lines[2] = json.dumps({"id": "oops", "image": "nowhere.png", "label": "odd"})
+    bad.write_text("\n".join(lines) + "\n")
+    result = run(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        f"--data.train_manifest={digit_manifests['train']}",
+        f"--data.val_manifest={bad}",
+    )
+    assert result.returncode == 2
+    assert f"error: {bad}:3: field 'image': file not found" in result.stderr
+    assert "Traceback" not in result.stderr
