@@ -57,16 +57,20 @@ class TextEncoderConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    """Image encoder over timm: any timm model name; ``timm_kwargs`` override its architecture."""
+    """Image encoder over timm: any timm model name; ``timm_kwargs`` override its architecture.
 
-    backbone: str = "vit_tiny_patch16_224"
+    The default is a slim ResNet-18 (one block per stage, widths 32-128, output stride 8): from scratch it
+    learns small digit images far faster than a ViT, and a 32x32 input gives a 4x4 grid of 16 tokens.
+    """
+
+    backbone: str = "resnet18"
     pretrained: bool = False
-    image_size: int = 16
+    image_size: int = 32
     in_chans: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     timm_kwargs: dict[str, Any] = field(
-        default_factory=lambda: {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": 4}
+        default_factory=lambda: {"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 128], "output_stride": 8}
     )
 
     def __post_init__(self) -> None:

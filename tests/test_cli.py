@@ -94,3 +94,21 @@ def test_bad_manifest_row_ends_with_file_line_and_field(
     assert result.returncode == 2
     assert f"error: {bad}:3: field 'image': file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_predict_writes_one_line_per_sample(trained: tuple[Path, list[str]], tmp_path: Path) -> None:
+    checkpoint, data = trained
+    result = run("predict", "--config", "configs/tiny.yaml", *data, f"--ckpt_path={checkpoint}",
+                 f"--trainer.default_root_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 16 and {"id", "label", "probability", "caption"} <= set(lines[0])
+
+
+def test_checkpoint_loads_as_a_library_model(trained: tuple[Path, list[str]]) -> None:
+    from multimoe.lit_module import MultiMoEModule
+
+    checkpoint, _ = trained
+    module = MultiMoEModule.load_from_checkpoint(checkpoint)
+    assert module.labels == ["even", "odd"] and module.model.classifier is not None
