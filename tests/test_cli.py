@@ -32,7 +32,7 @@ def trained(
         "configs/tiny.yaml",
         *data,
         f"--trainer.default_root_dir={root}",
-        "--trainer.max_steps=3",
+        "--trainer.limit_train_batches=3",
         "--trainer.limit_val_batches=1",
     )
     assert result.returncode == 0, result.stderr[-3000:]

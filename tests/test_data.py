@@ -98,7 +98,7 @@ def test_collate_keeps_missing_modalities_out_of_the_tensors(files: Path) -> Non
     assert parts[Modality.TEXT].rows.tolist() == [0, 1]
     assert parts[Modality.TEXT].tensors["attention_mask"].tolist() == [[1, 0], [1, 1]]
     assert parts[Modality.AUDIO].tensors["waveform"].shape == (2, 3200)  # 22.05 kHz -> 16 kHz
-    assert parts[Modality.IMAGE].tensors["pixels"].shape == (1, 3, 16, 16)
+    assert parts[Modality.IMAGE].tensors["pixels"].shape == (1, 3, 32, 32)
     assert batch.labels.tolist() == [1, 0, 1]  # labels "1", "7" sorted numerically
     assert batch.caption_ids is not None and batch.caption_ids[1].eq(0).all()  # no caption: all padding
 

@@ -20,13 +20,18 @@ def test_text_encoder_shapes_and_mask() -> None:
 
 
 def test_vit_image_encoder_gives_patch_tokens() -> None:
-    config = ImageEncoderConfig(
-        image_size=16, timm_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    )
+    vit = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    config = ImageEncoderConfig(backbone="vit_tiny_patch16_224", image_size=16, timm_kwargs=vit)
     encoder = ImageEncoder(config)
     tokens, mask = encoder(torch.randn(3, 3, 16, 16))
     assert tokens.shape == (3, 1 + 16, 32)  # class token + 4x4 patches
     assert mask.all() and encoder.out_dim == 32
+
+
+def test_default_image_encoder_gives_a_4x4_grid() -> None:
+    encoder = ImageEncoder(ImageEncoderConfig())
+    tokens, _ = encoder(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 16, 128)
 
 
 def test_cnn_image_encoder_flattens_feature_map() -> None:

@@ -29,7 +29,9 @@ def tiny_config(**moe: object) -> MultiMoEConfig:
             vocab_size=40, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
         ),
         image=ImageEncoderConfig(
-            image_size=16, timm_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+            backbone="vit_tiny_patch16_224",
+            image_size=16,
+            timm_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
         ),
         audio=AudioEncoderConfig(n_mels=16, hidden_size=32, num_layers=1, num_heads=2, spec_augment=False),
         trunk=TrunkConfig(d_model=32, depth=2, num_heads=2, d_ff=64),
