@@ -99,8 +99,14 @@ def test_bad_manifest_row_ends_with_file_line_and_field(
 @pytest.mark.slow
 def test_predict_writes_one_line_per_sample(trained: tuple[Path, list[str]], tmp_path: Path) -> None:
     checkpoint, data = trained
-    result = run("predict", "--config", "configs/tiny.yaml", *data, f"--ckpt_path={checkpoint}",
-                 f"--trainer.default_root_dir={tmp_path}")
+    result = run(
+        "predict",
+        "--config",
+        "configs/tiny.yaml",
+        *data,
+        f"--ckpt_path={checkpoint}",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 16 and {"id", "label", "probability", "caption"} <= set(lines[0])

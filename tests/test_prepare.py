@@ -1,4 +1,4 @@
-"""The built-in dataset builder: real digits and synthesised speech, deterministic, idempotent, valid manifests."""
+"""The built-in dataset builder: real digits and speech, deterministic, idempotent, valid manifests."""
 
 from __future__ import annotations
 

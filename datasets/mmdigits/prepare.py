@@ -32,11 +32,45 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 BUILD_ENTRIES = {f"{split}.jsonl" for split in SPLITS} | {"images", "audio", "build.json"}
 IMAGE_HOLDOUT = 0.15  # share of each digit's images in val and in test (train keeps the rest)
 MISSING_PROB = 0.15  # chance that a sample lacks exactly one modality
-VOICES = ("en", "en-us", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-          "en-us-nyc")
-VARIANTS = ("", "f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "croak",
-            "klatt", "klatt2", "klatt3", "whisper", "Annie", "aunty", "boris", "david", "linda", "max",
-            "quincy", "rob")
+VOICES = (
+    "en",
+    "en-us",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-scotland",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-us-nyc",
+)
+VARIANTS = (
+    "",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "croak",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "whisper",
+    "Annie",
+    "aunty",
+    "boris",
+    "david",
+    "linda",
+    "max",
+    "quincy",
+    "rob",
+)
 RATES = (110, 230)  # words per minute, inclusive
 PITCHES = (25, 75)  # espeak pitch 0..100, inclusive
 RAND_SEED = 1  # seed for espeak's noise sources, reset before each speaker setting
@@ -77,11 +111,22 @@ class Espeak:
         self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self._lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self._lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        self._lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         self._lib.espeak_Info.restype = ctypes.c_char_p
-        self.sample_rate = int(self._lib.espeak_Initialize(
-            AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(), INITIALIZE_DONT_EXIT))
+        self.sample_rate = int(
+            self._lib.espeak_Initialize(
+                AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(), INITIALIZE_DONT_EXIT
+            )
+        )
         if self.sample_rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed with data path {self.data_path}")
         self.version = self._lib.espeak_Info(None).decode()
@@ -141,7 +186,7 @@ def trim_silence(samples: np.ndarray, pad: int) -> np.ndarray:
     loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > SILENCE)
     if loud.size == 0:
         raise RuntimeError("espeak produced silence")
-    return samples[max(int(loud[0]) - pad, 0): int(loud[-1]) + 1 + pad]
+    return samples[max(int(loud[0]) - pad, 0) : int(loud[-1]) + 1 + pad]
 
 
 def split_images(labels: np.ndarray, rng: np.random.Generator) -> dict[str, list[int]]:
@@ -151,8 +196,8 @@ def split_images(labels: np.ndarray, rng: np.random.Generator) -> dict[str, list
         idx = rng.permutation(np.flatnonzero(labels == digit))
         n_hold = round(IMAGE_HOLDOUT * len(idx))
         pools["test"] += idx[:n_hold].tolist()
-        pools["val"] += idx[n_hold: 2 * n_hold].tolist()
-        pools["train"] += idx[2 * n_hold:].tolist()
+        pools["val"] += idx[n_hold : 2 * n_hold].tolist()
+        pools["train"] += idx[2 * n_hold :].tolist()
     return {split: sorted(pool) for split, pool in pools.items()}
 
 
@@ -162,8 +207,9 @@ def draw_settings(n: int, rng: np.random.Generator, taken: set[VoiceSetting]) ->
     while len(settings) < n:
         variant = VARIANTS[int(rng.integers(len(VARIANTS)))]
         voice = VOICES[int(rng.integers(len(VOICES)))] + (f"+{variant}" if variant else "")
-        setting = VoiceSetting(voice, int(rng.integers(RATES[0], RATES[1] + 1)),
-                               int(rng.integers(PITCHES[0], PITCHES[1] + 1)))
+        setting = VoiceSetting(
+            voice, int(rng.integers(RATES[0], RATES[1] + 1)), int(rng.integers(PITCHES[0], PITCHES[1] + 1))
+        )
         if setting not in taken:
             taken.add(setting)
             settings.append(setting)
@@ -189,8 +235,12 @@ def write_audio(settings: dict[str, list[VoiceSetting]], out: Path) -> None:
             with Espeak() as tts:  # fresh engine per setting: its files don't depend on the other settings
                 for digit, word in enumerate(WORDS):
                     samples = trim_silence(tts.synthesize(word, setting), pad=tts.sample_rate // 100)
-                    sf.write(out / "audio" / f"{split}_{10 * k + digit:04d}.wav", samples, tts.sample_rate,
-                             subtype="PCM_16")
+                    sf.write(
+                        out / "audio" / f"{split}_{10 * k + digit:04d}.wav",
+                        samples,
+                        tts.sample_rate,
+                        subtype="PCM_16",
+                    )
 
 
 def join_parts(parts: list[str]) -> str:
@@ -198,8 +248,9 @@ def join_parts(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def draw_samples(split: str, n: int, pool: list[int], labels: np.ndarray, n_settings: int,
-                 rng: np.random.Generator) -> list[dict[str, str]]:
+def draw_samples(
+    split: str, n: int, pool: list[int], labels: np.ndarray, n_settings: int, rng: np.random.Generator
+) -> list[dict[str, str]]:
     """Draw `n` manifest records; each modality's digit is independent and uniform."""
     by_digit = [[idx for idx in pool if labels[idx] == d] for d in range(10)]
     records = []
@@ -241,18 +292,24 @@ def build(config: dict[str, Any], tmp: Path) -> dict[str, Any]:
     write_images(np.asarray(digits.images), pools, tmp)
 
     taken: set[VoiceSetting] = set()
-    settings = {s: draw_settings(utts[s], np.random.default_rng([seed, 1, i]), taken)
-                for i, s in enumerate(SPLITS)}
+    settings = {
+        s: draw_settings(utts[s], np.random.default_rng([seed, 1, i]), taken) for i, s in enumerate(SPLITS)
+    }
     write_audio(settings, tmp)
 
     counts: dict[str, dict[str, int]] = {}
     for i, split in enumerate(SPLITS):
-        records = draw_samples(split, config[split], pools[split], labels, utts[split],
-                               np.random.default_rng([seed, 2, i]))
+        records = draw_samples(
+            split, config[split], pools[split], labels, utts[split], np.random.default_rng([seed, 2, i])
+        )
         with open(tmp / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        counts[split] = {"samples": len(records), "images": len(pools[split]), "utterances": 10 * utts[split],
-                         "missing_one_modality": sum(not set(MODALITIES) <= r.keys() for r in records)}
+        counts[split] = {
+            "samples": len(records),
+            "images": len(pools[split]),
+            "utterances": 10 * utts[split],
+            "missing_one_modality": sum(not set(MODALITIES) <= r.keys() for r in records),
+        }
     return {"config": config, "counts": counts, "sample_rate": sample_rate, "espeak_ng": espeak_version}
 
 
@@ -281,8 +338,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train", type=int, default=8000)
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--test", type=int, default=1000)
-    p.add_argument("--utterances-per-digit", type=int, nargs=3, default=[100, 30, 30],
-                   metavar=("TRAIN", "VAL", "TEST"), help="speaker settings per split (each says all digits)")
+    p.add_argument(
+        "--utterances-per-digit",
+        type=int,
+        nargs=3,
+        default=[100, 30, 30],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="speaker settings per split (each says all digits)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
     args = p.parse_args(argv)
@@ -295,14 +358,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out.resolve()
-    config = {"format_version": FORMAT_VERSION, "seed": args.seed, "train": args.train, "val": args.val,
-              "test": args.test, "utterances_per_digit": list(args.utterances_per_digit)}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "seed": args.seed,
+        "train": args.train,
+        "val": args.val,
+        "test": args.test,
+        "utterances_per_digit": list(args.utterances_per_digit),
+    }
     if not args.force and is_up_to_date(out, config):
         print(f"{out} is up to date (remove it or pass --force to rebuild)")
         return 0
     if out.exists() and not (out.is_dir() and set(os.listdir(out)) <= BUILD_ENTRIES):
-        print(f"refusing to replace {out}: it holds files that are not part of an MM-Digits build",
-              file=sys.stderr)
+        print(
+            f"refusing to replace {out}: it holds files that are not part of an MM-Digits build",
+            file=sys.stderr,
+        )
         return 1
 
     start = time.perf_counter()
@@ -322,8 +393,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(leftover, ignore_errors=True)
 
     for split, c in meta["counts"].items():
-        print(f"{split:>5}: {c['samples']:6d} samples ({c['missing_one_modality']} missing one modality), "
-              f"{c['images']} images, {c['utterances']} utterances")
+        print(
+            f"{split:>5}: {c['samples']:6d} samples ({c['missing_one_modality']} missing one modality), "
+            f"{c['images']} images, {c['utterances']} utterances"
+        )
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
