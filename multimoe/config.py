@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 MODALITY_NAMES = ("text", "image", "audio")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -28,13 +29,24 @@ def _positive(obj: object, *names: str) -> None:
         _check(value > 0, f"{type(obj).__name__}.{name}", f"must be > 0, got {value!r}")
 
 
+def _one_of(obj: object, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _check(
+        value in allowed,
+        f"{type(obj).__name__}.{name}",
+        f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}",
+    )
+
+
 @dataclass
 class TextEncoderConfig:
     """Text encoder over transformers.
 
     ``backbone="scratch"`` builds a small BERT from the sizes below with the project's word-level tokenizer
-    (``vocab_size`` is filled in from it); any other value is a transformers model id or local directory,
-    loaded with its own tokenizer, and the sizes below are ignored.
+    (``vocab_size`` is filled in from it); any other value is a transformers model id or local directory
+    (BERT, RoBERTa, DistilBERT, MiniLM, ...), loaded with its pretrained weights and its own tokenizer, and
+    the sizes below are ignored. ``train_layers``: ``None`` trains every parameter, ``0`` freezes the
+    backbone, ``n`` trains only its last ``n`` layers (and what follows them, such as a final norm).
     """
 
     backbone: str = "scratch"
@@ -44,6 +56,7 @@ class TextEncoderConfig:
     num_heads: int = 4
     intermediate_size: int = 256
     max_length: int = 32
+    train_layers: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length")
@@ -53,11 +66,23 @@ class TextEncoderConfig:
             "TextEncoderConfig.hidden_size",
             f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}",
         )
+        _check(
+            self.train_layers is None or self.train_layers >= 0,
+            "TextEncoderConfig.train_layers",
+            f"must be null (train all), 0 (freeze) or a number of last layers, got {self.train_layers}",
+        )
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 @dataclass
 class ImageEncoderConfig:
     """Image encoder over timm: any timm model name; ``timm_kwargs`` override its architecture.
+
+    ``pretrained`` loads the model's weights from the hub, or from ``pretrained_file`` (a local
+    ``.safetensors`` or ``.pth`` in timm's layout) when set. ``mean``, ``std`` and ``interpolation`` left
+    ``None`` come from the model's own timm data config; images are resized to ``image_size``.
 
     The default is a slim ResNet-18 (one block per stage, widths 32-128, output stride 8): from scratch it
     learns small digit images far faster than a ViT, and a 32x32 input gives a 4x4 grid of 16 tokens.
@@ -65,29 +90,56 @@ class ImageEncoderConfig:
 
     backbone: str = "resnet18"
     pretrained: bool = False
+    pretrained_file: str | None = None
     image_size: int = 32
     in_chans: int = 3
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
     timm_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 128], "output_stride": 8}
     )
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "in_chans")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        _check(
+            self.pretrained or self.pretrained_file is None,
+            "ImageEncoderConfig.pretrained_file",
+            "is only read with pretrained: true",
+        )
         for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                _check(
+                    self.in_chans == 3,
+                    f"ImageEncoderConfig.{name}",
+                    f"must be set when in_chans={self.in_chans} (a model's data config describes RGB)",
+                )
+                continue
+            setattr(self, name, tuple(value))
             _check(
-                len(getattr(self, name)) == self.in_chans,
+                len(value) == self.in_chans,
                 f"ImageEncoderConfig.{name}",
-                f"needs one value per channel (in_chans={self.in_chans}), got {getattr(self, name)}",
+                f"needs one value per channel (in_chans={self.in_chans}), got {tuple(value)}",
             )
+        _check(
+            self.interpolation in (None, *INTERPOLATIONS),
+            "ImageEncoderConfig.interpolation",
+            f"must be null (the model's own) or one of {INTERPOLATIONS}, got {self.interpolation!r}",
+        )
 
 
 @dataclass
 class AudioEncoderConfig:
-    """Audio encoder: torchaudio log-mel front end (SpecAugment in training) and a small patch transformer."""
+    """Audio encoder.
 
+    ``backbone="scratch"``: a torchaudio log-mel front end (SpecAugment in training only) and a small patch
+    transformer sized by the fields below. Any other value is a transformers audio encoder id or local
+    directory (wav2vec2, HuBERT, Whisper's encoder, AST, ...) run on its own feature extractor; then only
+    ``sample_rate`` (which must match the feature extractor's) and ``max_seconds`` apply.
+    """
+
+    backbone: str = "scratch"
     sample_rate: int = 16000
     max_seconds: float = 2.0
     n_mels: int = 40
@@ -112,18 +164,28 @@ class AudioEncoderConfig:
         )
 
 
-RouterKind = Literal["mixtral", "switch"]
-DispatchKind = Literal["sorted", "reference"]
+RouterKind = Literal["mixtral", "switch", "expert_choice"]
+DispatchKind = Literal["auto", "sorted", "grouped_mm", "reference"]
+ExpertActivation = Literal["swiglu", "relu", "gelu"]
 
 
 @dataclass
 class MoEConfig:
-    """Sparse MoE FFN layers of the shared trunk (ARCHITECTURE.md section 3).
+    """Sparse MoE FFN layers of the shared trunk (ARCHITECTURE.md section 3; README "The MoE layer").
 
     Expert pool per MoE layer: ``experts_per_modality`` for each modality, ``cross_modal_experts`` that every
     modality may use (from block ``cross_modal_from_layer`` upward), and ``shared_experts`` that every token
     always uses. ``every=0`` turns MoE off (an all-dense trunk). In a block where a modality may use fewer
     than ``top_k`` experts (below ``cross_modal_from_layer``), it uses all of them.
+
+    ``router``: ``mixtral`` (softmax, top-k, renormalised gates), ``switch`` (top-1, raw probability as gate)
+    or ``expert_choice`` (each expert takes its top tokens; ``top_k`` is then the mean experts per token).
+    ``router_jitter``: multiplicative noise U(1 -/+ jitter) on the router input in training.
+    ``capacity_factor`` (training) and ``eval_capacity_factor`` (evaluation): 0 = dropless; otherwise an
+    expert takes at most ``ceil(factor * its even share of the pairs)`` and the overflow passes through the
+    residual; ``batch_priority`` lets the tokens with the highest router probability keep their place.
+    ``bias_update_rate > 0``: auxiliary-loss-free balancing, a per-modality expert bias for selection only.
+    ``dispatch``: ``auto`` picks the fastest kernel for the device: ``grouped_mm`` on CUDA, ``sorted`` on CPU.
     """
 
     every: int = 2
@@ -133,10 +195,16 @@ class MoEConfig:
     shared_experts: int = 0
     top_k: int = 2
     router: RouterKind = "mixtral"
+    router_jitter: float = 0.0
     expert_d_ff: int = 256
+    expert_activation: ExpertActivation = "swiglu"
+    capacity_factor: float = 0.0
+    eval_capacity_factor: float = 0.0
+    batch_priority: bool = False
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
-    dispatch: DispatchKind = "sorted"
+    bias_update_rate: float = 0.0
+    dispatch: DispatchKind = "auto"
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "MoEConfig.every", f"must be >= 0 (0 = no MoE), got {self.every}")
@@ -145,6 +213,11 @@ class MoEConfig:
             "cross_modal_experts",
             "shared_experts",
             "cross_modal_from_layer",
+            "capacity_factor",
+            "eval_capacity_factor",
+            "load_balance_coef",
+            "z_loss_coef",
+            "bias_update_rate",
         ):
             _check(getattr(self, name) >= 0, f"MoEConfig.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(
@@ -152,18 +225,32 @@ class MoEConfig:
             "MoEConfig.experts_per_modality",
             "a MoE layer needs routed experts: experts_per_modality + cross_modal_experts must be > 0",
         )
-        _positive(self, "top_k", "expert_d_ff")
         _check(
-            self.router in ("mixtral", "switch"),
-            "MoEConfig.router",
-            f"must be 'mixtral' or 'switch', got {self.router!r}",
+            self.experts_per_modality > 0 or self.cross_modal_from_layer == 0,
+            "MoEConfig.cross_modal_from_layer",
+            "must be 0 when experts_per_modality=0 (lower MoE blocks would have no experts at all)",
         )
+        _positive(self, "top_k", "expert_d_ff")
+        _one_of(self, "router", ("mixtral", "switch", "expert_choice"))
+        _one_of(self, "expert_activation", ("swiglu", "relu", "gelu"))
+        _one_of(self, "dispatch", ("auto", "sorted", "grouped_mm", "reference"))
         _check(self.router != "switch" or self.top_k == 1, "MoEConfig.top_k", "the 'switch' router is top-1")
         _check(
-            self.dispatch in ("sorted", "reference"),
-            "MoEConfig.dispatch",
-            f"must be 'sorted' or 'reference', got {self.dispatch!r}",
+            0.0 <= self.router_jitter < 1.0,
+            "MoEConfig.router_jitter",
+            f"must be in [0, 1), got {self.router_jitter}",
         )
+        if self.router == "expert_choice":
+            _check(
+                self.capacity_factor > 0,
+                "MoEConfig.capacity_factor",
+                "must be > 0 with router='expert_choice' (each expert takes that many times its share)",
+            )
+            _check(
+                self.bias_update_rate == 0,
+                "MoEConfig.bias_update_rate",
+                "must be 0 with router='expert_choice', which is balanced by construction",
+            )
 
     @property
     def enabled(self) -> bool:
@@ -280,15 +367,16 @@ class MultiMoEConfig:
         unknown = set(data) - set(parts) - {"modalities"}
         _check(not unknown, "MultiMoEConfig", f"unknown fields {sorted(unknown)}")
         kwargs: dict[str, Any] = {
-            name: _build(parts[name], value) for name, value in data.items() if name in parts
+            name: config_from_dict(parts[name], value) for name, value in data.items() if name in parts
         }
         if "modalities" in data:
             kwargs["modalities"] = list(data["modalities"])
         return cls(**kwargs)
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
+def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """One sub-config from its plain-dict form, refusing unknown fields by name."""
+    names = {f.name for f in dataclasses.fields(cast(Any, cls))}
     unknown = set(values) - names
     _check(not unknown, cls.__name__, f"unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
     return cls(**values)

@@ -9,6 +9,7 @@ from typing import Any, cast
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import BLEUScore
@@ -56,7 +57,7 @@ class MultiMoEModule(L.LightningModule):
                 "caption_loss_weight": caption_loss_weight,
             }
         )
-        self.model: MultiMoE = build_model(self.config)
+        self.model: MultiMoE = build_model(self.config, self.labels, vocab)
         num_classes = max(len(self.labels), 2)
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
@@ -94,7 +95,7 @@ class MultiMoEModule(L.LightningModule):
         )
         return losses
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         out = self(batch)
         losses = self._losses(batch, out)
         self._log_losses("train", losses, out, len(batch))
@@ -103,7 +104,13 @@ class MultiMoEModule(L.LightningModule):
             self.log(
                 "train/acc", self._metric("train_acc"), on_step=False, on_epoch=True, batch_size=len(batch)
             )
-        return losses["loss"]
+        return {"loss": losses["loss"], "tokens_per_expert": [s.tokens_per_expert for s in out.router_stats]}
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """After the optimizer step: the auxiliary-loss-free bias step, on the routing counts of all ranks."""
+        if self.config.moe.bias_update_rate > 0 and outputs is not None:
+            reduce = self.trainer.strategy.reduce
+            self.model.update_routing_bias([reduce(c, reduce_op="sum") for c in outputs["tokens_per_expert"]])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -210,6 +217,13 @@ class MultiMoEModule(L.LightningModule):
                 on_epoch=not on_step,
                 batch_size=size,
             )
+            self.log(
+                f"{stage}/dropped",
+                sum(s.dropped_fraction for s in out.router_stats) / n,
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=size,
+            )
 
     def on_validation_epoch_end(self) -> None:
         self._log_routing("val")
@@ -222,6 +236,13 @@ class MultiMoEModule(L.LightningModule):
         self.routing_shares = routing_shares(self.routing, self.config.modalities)
         for (layer, modality, expert), share in self.routing_shares.items():
             self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)
+        for index, (moe, counts) in enumerate(zip(self.model.moe_layers(), self.routing, strict=False)):
+            for m, e, share in moe.collapsed(counts):
+                rank_zero_warn(
+                    f"routing collapse in MoE layer {index}: expert {e} took {share:.0%} of the "
+                    f"{Modality(m).key} tokens in {stage}; raise moe.load_balance_coef "
+                    "or set moe.bias_update_rate"
+                )
         self.routing = []
 
     # ---- optimisation ------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ that knows the concrete classes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from multimoe.modality import Modality, ModalityTokens, MultiModalInputs
 from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer, RouterStats, modality_expert_mask
 from multimoe.moe.router import Router
+from multimoe.pretrained import Pretrained
 from multimoe.trunk import MLP, Block, SharedTransformer
 
 
@@ -27,7 +30,10 @@ class MultiMoEOutput:
     aux_loss: torch.Tensor  # sum over MoE blocks of the weighted load-balancing and z-losses
 
 
-class MultiMoE(nn.Module):
+class MultiMoE(nn.Module, Pretrained):
+    """The model; ``labels`` name the classifier's classes and ``vocab`` is the caption decoder's (and the
+    scratch text encoder's) word vocabulary: ``save_pretrained`` keeps them with the config."""
+
     def __init__(
         self,
         config: MultiMoEConfig,
@@ -36,9 +42,13 @@ class MultiMoE(nn.Module):
         trunk: SharedTransformer,
         classifier: ClassificationHead | None,
         captioner: CaptionDecoder | None,
+        labels: list[str] | None = None,
+        vocab: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.labels = list(labels or [])
+        self.vocab = list(vocab or [])
         self.modalities = sorted(encoders)
         self.encoders = nn.ModuleDict({m.key: encoders[m] for m in self.modalities})
         self.projectors = nn.ModuleDict({m.key: projectors[m] for m in self.modalities})
@@ -83,6 +93,18 @@ class MultiMoE(nn.Module):
             aux_loss=self.aux_loss(router_stats, h),
         )
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The trunk's MoE layers, bottom to top (the order of ``MultiMoEOutput.router_stats``)."""
+        return [block.ffn for block in self.trunk.blocks if isinstance(block.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def update_routing_bias(self, tokens_per_expert: list[torch.Tensor]) -> None:
+        """Auxiliary-loss-free balancing: one bias step per MoE layer from its
+        ``RouterStats.tokens_per_expert`` (no-op unless ``moe.bias_update_rate > 0``). Call it after the
+        optimizer step."""
+        for layer, counts in zip(self.moe_layers(), tokens_per_expert, strict=True):
+            layer.router.update_bias(counts)
+
     def aux_loss(self, router_stats: list[RouterStats], like: torch.Tensor) -> torch.Tensor:
         moe = self.config.moe
         total = like.new_zeros((), dtype=torch.float32)
@@ -101,19 +123,41 @@ class MultiMoE(nn.Module):
         h, _ = self.trunk(x.tokens, x.mask, x.modality_ids)
         return self.captioner.generate(h, x.mask, bos_id, eos_id, max_length)
 
+    # ---- save_pretrained / from_pretrained (multimoe.pretrained) -----------------------------------------
+    def saved_config(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "labels": self.labels, "vocab": self.vocab}
 
-def build_model(config: MultiMoEConfig, pad_id: int = 0) -> MultiMoE:
-    """The composition root: the only place that maps configs to concrete modules."""
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], backbone_files: Path) -> MultiMoE:
+        config = MultiMoEConfig.from_dict(saved["config"])
+        return build_model(config, saved.get("labels"), saved.get("vocab"), saved=backbone_files)
+
+    def save_backbone_files(self, folder: Path) -> None:
+        for key, encoder in self.encoders.items():
+            cast(Pretrained, encoder).save_backbone_files(folder / key)
+
+
+def build_model(
+    config: MultiMoEConfig,
+    labels: list[str] | None = None,
+    vocab: list[str] | None = None,
+    saved: Path | None = None,
+) -> MultiMoE:
+    """The composition root: the only place that maps configs to concrete modules.
+
+    ``saved``: the backbone files of a saved model (``MultiMoE.from_pretrained`` passes them); the encoders
+    rebuild their architecture from them and download nothing."""
     d = config.trunk.d_model
     modalities = [Modality.from_name(name) for name in config.modalities]
     encoders: dict[Modality, TextEncoder | ImageEncoder | AudioEncoder] = {}
     for m in modalities:
+        files = None if saved is None else saved / m.key
         if m is Modality.TEXT:
-            encoders[m] = TextEncoder(config.text, pad_id=pad_id)
+            encoders[m] = TextEncoder(config.text, saved=files)
         elif m is Modality.IMAGE:
-            encoders[m] = ImageEncoder(config.image)
+            encoders[m] = ImageEncoder(config.image, saved=files)
         else:
-            encoders[m] = AudioEncoder(config.audio)
+            encoders[m] = AudioEncoder(config.audio, saved=files)
     projectors = {m: Projector(encoders[m].out_dim, d) for m in modalities}
     blocks = [
         Block(d, config.trunk.num_heads, _ffn(config, i, modalities), config.trunk.dropout)
@@ -128,7 +172,7 @@ def build_model(config: MultiMoEConfig, pad_id: int = 0) -> MultiMoE:
     if config.caption.vocab_size > 0:
         c = config.caption
         captioner = CaptionDecoder(c.vocab_size, d, c.depth, c.num_heads, c.d_ff, c.max_length)
-    return MultiMoE(config, encoders, projectors, trunk, classifier, captioner)
+    return MultiMoE(config, encoders, projectors, trunk, classifier, captioner, labels, vocab)
 
 
 def _ffn(config: MultiMoEConfig, index: int, modalities: list[Modality]) -> MLP | MoELayer:
@@ -140,9 +184,14 @@ def _ffn(config: MultiMoEConfig, index: int, modalities: list[Modality]) -> MLP 
     )
     shared = MLP(d, moe.expert_d_ff * moe.shared_experts) if moe.shared_experts > 0 else None
     top_k = min(moe.top_k, moe.experts_per_modality + moe.num_cross_experts(index))
-    return MoELayer(
-        Router(d, allowed, top_k, moe.router),
-        Experts(allowed.shape[1], d, moe.expert_d_ff),
-        shared,
-        moe.dispatch,
+    router = Router(
+        d,
+        allowed,
+        top_k,
+        moe.router,
+        jitter=moe.router_jitter,
+        batch_priority=moe.batch_priority,
+        bias_rate=moe.bias_update_rate,
     )
+    experts = Experts(allowed.shape[1], d, moe.expert_d_ff, moe.expert_activation)
+    return MoELayer(router, experts, shared, moe.dispatch, moe.capacity_factor, moe.eval_capacity_factor)

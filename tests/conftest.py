@@ -1,12 +1,19 @@
-"""Shared fixtures: small manifests of real data from ../shared/data (MNIST digits and FSDD recordings)."""
+"""Shared fixtures: small manifests of real data from ../shared/data (MNIST digits and FSDD recordings), and a
+model trained on them by train.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# Nothing may download in tests: a hub access fails at once instead of reaching for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -56,3 +63,21 @@ def digit_manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         "val": write_digit_manifest(folder / "val.jsonl", 16, seed=1),
         "test": write_digit_manifest(folder / "test.jsonl", 16, seed=2),
     }
+
+
+@pytest.fixture(scope="session")
+def trained(
+    digit_manifests: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[str]]:
+    """``train.py fit`` with configs/tiny.yaml for a few steps: (last checkpoint, the data arguments)."""
+    root = tmp_path_factory.mktemp("run")
+    data = [f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()]
+    command = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", *data]
+    command += [f"--trainer.default_root_dir={root}", "--trainer.limit_train_batches=3"]
+    command += ["--trainer.limit_val_batches=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "multimoe summary" in result.stdout and "test/acc" in result.stdout
+    checkpoints = sorted((root / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in checkpoints} >= {"last.ckpt"} and len(checkpoints) == 2
+    return root / "checkpoints" / "last.ckpt", data

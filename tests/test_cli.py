@@ -20,28 +20,6 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def trained(
-    digit_manifests: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, list[str]]:
-    root = tmp_path_factory.mktemp("run")
-    data = [f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()]
-    result = run(
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        *data,
-        f"--trainer.default_root_dir={root}",
-        "--trainer.limit_train_batches=3",
-        "--trainer.limit_val_batches=1",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "multimoe summary" in result.stdout and "test/acc" in result.stdout
-    checkpoints = sorted((root / "checkpoints").glob("*.ckpt"))
-    assert {p.name for p in checkpoints} >= {"last.ckpt"} and len(checkpoints) == 2
-    return root / "checkpoints" / "last.ckpt", data
-
-
 @pytest.mark.slow
 def test_test_command_evaluates_a_hand_written_manifest(
     trained: tuple[Path, list[str]], tmp_path: Path

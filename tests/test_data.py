@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from multimoe.config import MultiMoEConfig
+from multimoe.config import ImageEncoderConfig, MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError, read_manifest
+from multimoe.data.processors import ImageProcessor
 from multimoe.data.tokenizer import WordTokenizer
 from multimoe.modality import Modality
 
@@ -124,3 +127,41 @@ def test_audio_is_resampled_not_reinterpreted(files: Path) -> None:
     spectrum = torch.fft.rfft(wave).abs()
     peak_hz = int(spectrum.argmax()) * 16000 / wave.shape[0]
     assert abs(peak_hz - 22050 / (2 * np.pi * 5)) < 10
+
+
+HALF = (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "overrides", "mean", "std", "resample"),
+    [  # timm's ResNet-18 was trained on ImageNet statistics, this ViT on 0.5; a config may set its own
+        ("resnet18", {}, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Image.Resampling.BICUBIC),
+        ("vit_small_patch16_224.augreg_in21k", {}, HALF, HALF, Image.Resampling.BICUBIC),
+        (
+            "resnet18",
+            {"mean": HALF, "std": HALF, "interpolation": "bilinear"},
+            HALF,
+            HALF,
+            Image.Resampling.BILINEAR,
+        ),
+    ],
+    ids=["resnet-own", "vit-own", "resnet-set"],
+)
+def test_image_transform_comes_from_the_model_data_config_unless_set(
+    backbone: str,
+    overrides: dict[str, Any],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    resample: Image.Resampling,
+    tmp_path: Path,
+) -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    pixels = ImageProcessor(ImageEncoderConfig(backbone=backbone, image_size=12, **overrides))(
+        tmp_path / "a.png"
+    )
+    resized = np.asarray(image.resize((12, 12), resample), dtype=np.float32) / 255
+    expected = (
+        torch.from_numpy(resized).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]
+    ) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(pixels, expected)

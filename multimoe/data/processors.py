@@ -39,26 +39,44 @@ class TextProcessor:
 
 
 class ImageProcessor:
-    """Image file -> ``(C, H, W)`` float pixels, resized to ``image_size`` and normalised."""
+    """Image file -> ``(C, H, W)`` float pixels, resized to ``image_size`` and normalised, with the mean, std
+    and interpolation of ``image_data_config``."""
 
     def __init__(self, config: ImageEncoderConfig) -> None:
+        from PIL import Image
+
         self.size = config.image_size
         self.mode = {1: "L", 3: "RGB"}.get(config.in_chans)
         if self.mode is None:
             raise ValueError(
                 f"ImageEncoderConfig.in_chans must be 1 or 3 to read image files, got {config.in_chans}"
             )
-        self.mean = torch.tensor(config.mean)[:, None, None]
-        self.std = torch.tensor(config.std)[:, None, None]
+        data = image_data_config(config)
+        self.mean = torch.tensor(data["mean"])[:, None, None]
+        self.std = torch.tensor(data["std"])[:, None, None]
+        self.resample = Image.Resampling[data["interpolation"].upper()]
 
     def __call__(self, path: Path) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(path) as file:
-            image = file.convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
+            image = file.convert(self.mode).resize((self.size, self.size), self.resample)
             array = np.asarray(image, dtype=np.float32) / 255.0
         pixels = torch.from_numpy(array.reshape(self.size, self.size, -1)).permute(2, 0, 1)
         return (pixels - self.mean) / self.std
+
+
+def image_data_config(config: ImageEncoderConfig) -> dict[str, Any]:
+    """``mean``, ``std`` and ``interpolation`` where the config sets them, else the timm model's own data
+    config (its pretrained config: ImageNet statistics when timm knows none)."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(config.backbone)
+    args: dict[str, Any] = dict(
+        in_chans=config.in_chans, mean=config.mean, std=config.std, interpolation=config.interpolation
+    )
+    return resolve_data_config(args, pretrained_cfg=pretrained.to_dict() if pretrained else None)
 
 
 class AudioProcessor:

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from multimoe.config import ImageEncoderConfig
+from multimoe.pretrained import Pretrained
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(nn.Module, Pretrained):
     """``forward(pixels (B, C, H, W)) -> (tokens (B, N, out_dim), mask (B, N))``.
 
     ViT-style models give their patch (and prefix) tokens; CNN feature maps ``(B, C, h, w)`` are flattened to
-    ``h * w`` tokens.
+    ``h * w`` tokens. ``saved`` (set when loading a saved encoder): skip the pretrained weights, the caller
+    loads the saved ones.
     """
 
-    def __init__(self, config: ImageEncoderConfig) -> None:
+    config_class = ImageEncoderConfig
+
+    def __init__(self, config: ImageEncoderConfig, saved: Path | None = None) -> None:
         super().__init__()
         import timm
 
         self.config = config
         self.backbone: Any  # a timm model: forward_features, num_features
-        kwargs: dict[str, Any] = dict(pretrained=config.pretrained, num_classes=0, in_chans=config.in_chans)
+        pretrained = config.pretrained and saved is None
+        kwargs: dict[str, Any] = dict(pretrained=pretrained, num_classes=0, in_chans=config.in_chans)
+        if pretrained and config.pretrained_file:
+            kwargs["pretrained_cfg_overlay"] = {"file": config.pretrained_file}
         kwargs |= {"img_size": config.image_size} | config.timm_kwargs
         try:
             self.backbone = timm.create_model(config.backbone, **kwargs)
@@ -36,7 +44,9 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone.forward_features(pixels)
-        if features.ndim == 4:  # (B, C, h, w) -> (B, h*w, C)
-            features = features.flatten(2).transpose(1, 2)
+        if features.ndim == 4 and getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":  # Swin & co.
+            features = features.flatten(1, 2)  # (B, h, w, C) -> (B, h*w, C)
+        elif features.ndim == 4:
+            features = features.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
         mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
         return features, mask

@@ -3,35 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from multimoe.moe.dispatch import DispatchKind, run_experts
 from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
-from multimoe.moe.router import Router
+from multimoe.moe.router import Router, Routing
+
+COLLAPSE_SHARE = 0.9  # an expert that takes this share of a modality's tokens has collapsed the routing
 
 
 @dataclass
 class RouterStats:
     """What one MoE layer reports for one forward pass."""
 
-    load_balance_loss: torch.Tensor  # scalar, per-modality Switch loss (fp32)
+    load_balance_loss: torch.Tensor  # scalar per-modality Switch loss (fp32); 0 for expert choice (balanced)
     z_loss: torch.Tensor  # scalar router z-loss (fp32)
-    tokens_per_expert: torch.Tensor  # (num_modalities, E) top-k assignments per modality and expert
+    tokens_per_expert: (
+        torch.Tensor
+    )  # (num_modalities, E) (token, expert) pairs the router chose (pre-capacity)
+    dropped_fraction: torch.Tensor  # scalar: share of chosen pairs over capacity (expert choice: of tokens
+    # that no expert took); those tokens pass through the residual
     entropy: torch.Tensor  # scalar mean routing entropy (nats)
 
 
 class MoELayer(nn.Module):
-    """``forward(x (T, d), modality_ids (T,)) -> (y (T, d), RouterStats)``. Dropless token-choice routing."""
+    """``forward(x (T, d), modality_ids (T,)) -> (y (T, d), RouterStats)``.
+
+    ``capacity_factor`` applies in training, ``eval_capacity_factor`` in evaluation; 0 means dropless
+    (expert-choice routing has no dropless mode and uses ``capacity_factor`` when the eval one is 0).
+    """
 
     def __init__(
         self,
         router: Router,
         experts: Experts,
         shared: nn.Module | None = None,
-        dispatch: Literal["sorted", "reference"] = "sorted",
+        dispatch: DispatchKind = "auto",
+        capacity_factor: float = 0.0,
+        eval_capacity_factor: float = 0.0,
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
@@ -41,27 +53,51 @@ class MoELayer(nn.Module):
         self.router = router
         self.experts = experts
         self.shared = shared
-        self.dispatch: Literal["sorted", "reference"] = dispatch
+        self.dispatch: DispatchKind = dispatch
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        routing = self.router(x, modality_ids)
-        y = self.experts(x, routing.expert_idx, routing.weights, self.dispatch)  # (T, d)
+        capacity = self.capacity_factor
+        if not self.training and (self.eval_capacity_factor > 0 or self.router.kind != "expert_choice"):
+            capacity = self.eval_capacity_factor
+        routing = self.router(x, modality_ids, capacity)
+        y = run_experts(x, routing, self.experts, self.dispatch)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)
+        return y, self._stats(routing, modality_ids)
+
+    def _stats(self, routing: Routing, modality_ids: torch.Tensor) -> RouterStats:
         allowed = self.router.allowed
+        zero = routing.probs.new_zeros(())
+        if routing.top_k is None:  # expert choice: the chosen pairs are the kept ones
+            assert routing.kept is not None
+            chosen = routing.kept.long()
+            taken = zero.new_zeros(modality_ids.shape[0]).index_add_(0, routing.token, chosen.float())
+            load_balance, dropped = zero, (taken == 0).float().mean()
+        else:
+            chosen = torch.ones_like(routing.token)
+            load_balance = load_balancing_loss(routing.probs, routing.expert_idx, modality_ids, allowed)
+            dropped = zero if routing.kept is None else 1.0 - routing.kept.float().mean()
         tokens_per_expert = torch.zeros_like(allowed, dtype=torch.long)
-        tokens_per_expert.index_put_(
-            (modality_ids[:, None].expand_as(routing.expert_idx), routing.expert_idx),
-            torch.ones_like(routing.expert_idx),
-            accumulate=True,
-        )
-        stats = RouterStats(
-            load_balance_loss=load_balancing_loss(routing.probs, routing.expert_idx, modality_ids, allowed),
+        tokens_per_expert.index_put_((modality_ids[routing.token], routing.expert), chosen, accumulate=True)
+        return RouterStats(
+            load_balance_loss=load_balance,
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert,
+            dropped_fraction=dropped.detach(),
             entropy=router_entropy(routing.probs).detach(),
         )
-        return y, stats
+
+    def collapsed(self, tokens_per_expert: torch.Tensor) -> list[tuple[int, int, float]]:
+        """``(modality, expert, share)`` for each expert that took at least ``COLLAPSE_SHARE`` of a modality's
+        tokens although the modality may choose among more than ``top_k`` experts (token choice only)."""
+        if self.router.kind == "expert_choice":
+            return []
+        k = self.router.top_k
+        counts = tokens_per_expert.float()
+        share = counts / (counts.sum(dim=1, keepdim=True) / k).clamp_min(1.0)  # (M, E) share of tokens
+        over = (share >= COLLAPSE_SHARE) & (self.router.allowed.sum(dim=1, keepdim=True) > k)
+        return [(m, e, float(share[m, e])) for m, e in over.nonzero().tolist()]
 
 
 def modality_expert_mask(
