@@ -8,9 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from multimoe.callbacks import Checkpoint, NonFiniteError, NonFiniteGuard, SeedEveryStep
+from multimoe.checkpoint_io import AtomicCheckpointIO
 from multimoe.config import ConfigError
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError
@@ -19,12 +22,14 @@ from multimoe.lit_module import MultiMoEModule
 
 class MultiMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
+                "checkpoint.last_every_n_steps": 50,
                 "checkpoint.filename": "best-{epoch:02d}-{step}",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -35,6 +40,12 @@ class MultiMoECLI(LightningCLI):
         parser.link_arguments("model.config", "data.config")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # local saves become atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
@@ -90,8 +101,9 @@ def main(args: list[str] | None = None) -> None:
             MultiMoEModule,
             MultiModalDataModule,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [SeedEveryStep()]},
             args=args,
         )
-    except (ManifestError, ConfigError, FileNotFoundError) as error:
+    except (ManifestError, ConfigError, FileNotFoundError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

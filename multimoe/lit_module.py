@@ -64,6 +64,7 @@ class MultiMoEModule(L.LightningModule):
             | {f"{s}_caption_exact": MeanMetric() for s in ("val", "test")}
             | {f"{s}_bleu4": BLEUScore(n_gram=4) for s in ("val", "test")}
         )
+        self._metric("train_acc").persistent(True)  # checkpointed: a resume mid-epoch keeps the epoch's count
         self.routing: list[torch.Tensor] = []  # summed tokens_per_expert per MoE layer, over an eval epoch
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -244,6 +245,12 @@ class MultiMoEModule(L.LightningModule):
                     "or set moe.bias_update_rate"
                 )
         self.routing = []
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints from before the train accuracy was saved load with a fresh one."""
+        for key, value in self.state_dict().items():
+            if key.startswith("metrics."):
+                checkpoint["state_dict"].setdefault(key, value)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -3,7 +3,9 @@ run before the first step; the label set and vocabulary come from the training m
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -13,6 +15,7 @@ from multimoe.data.collate import Batch, Collator
 from multimoe.data.dataset import ManifestDataset
 from multimoe.data.manifest import ManifestRow, label_set, read_manifest
 from multimoe.data.processors import AudioProcessor, ImageProcessor, TextProcessor
+from multimoe.data.resumable import ResumableLoader, ResumableSampler
 from multimoe.data.tokenizer import WordTokenizer
 
 
@@ -52,6 +55,8 @@ class MultiModalDataModule(L.LightningDataModule):
         self.words = WordTokenizer.build([t for r in train for t in [r.text or "", *r.captions]])
         self.vocab: list[str] = self.words.vocab
         self.datasets: dict[str, ManifestDataset] = {}
+        self.train_loader: ResumableLoader[Batch] | None = None
+        self.train_position: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
 
     def setup(self, stage: str | None = None) -> None:
         c = self.config
@@ -72,20 +77,41 @@ class MultiModalDataModule(L.LightningDataModule):
         text = TextProcessor(c.text, self.words) if "text" in c.modalities else None
         self.collate = Collator(text, self.words.pad_id)
 
-    def _loader(self, stage: str, shuffle: bool = False) -> DataLoader[Batch]:
+    def _loader(self, stage: str, cls: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader[Batch]:
         if stage not in self.datasets:
             raise ValueError(f"no manifest given for '{stage}': set data.{_ARG[stage]}")
-        return DataLoader(
-            self.datasets[stage],  # type: ignore[arg-type]
+        return cls(
+            self.datasets[stage],
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        return self._loader("fit", shuffle=True)
+        """Shuffled, sharded over the ranks (``batch_size`` per rank) and resumable mid-epoch."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(self.datasets["fit"], world, rank, shuffle=True, seed=seed)
+        loader = self._loader("fit", ResumableLoader, sampler=sampler)
+        self.train_loader = cast(ResumableLoader[Batch], loader)
+        if self.train_position:
+            self.train_loader.load_state_dict(self.train_position)
+            self.train_position = None
+        return self.train_loader
+
+    # Lightning 2.6 would restore a stateful train loader itself, but only if configure_optimizers does
+    # not read trainer.estimated_stepping_batches (which builds the loader before the checkpoint is read);
+    # ours does, so the data position travels in the datamodule's own checkpoint state.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self.train_loader.state_dict()} if self.train_loader else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_position = state.get("train_position")
+        if self.train_position and self.train_loader:
+            self.train_loader.load_state_dict(self.train_position)
+            self.train_position = None
 
     def val_dataloader(self) -> DataLoader[Batch]:
         return self._loader("validate")

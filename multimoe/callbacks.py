@@ -1,0 +1,106 @@
+"""Callbacks of the training system that make runs survive faults: frequent ``last.ckpt`` saves, randomness
+that a resumed run reproduces, and a guard against non-finite losses and gradients."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+
+class Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also rewrites ``last.ckpt`` every ``last_every_n_steps`` optimizer steps
+    (0: only when ModelCheckpoint itself saves), so a killed run loses at most that many steps."""
+
+    def __init__(self, *args: Any, last_every_n_steps: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_every_n_steps = last_every_n_steps
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_steps
+        due = n > 0 and self.save_last and trainer.global_step % n == 0
+        if not due or self._should_skip_saving_checkpoint(trainer):
+            return
+        saved = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = saved  # a best-model save after validation at this step still runs
+
+
+class SeedEveryStep(Callback):
+    """Seeds Python, NumPy and torch (CPU and CUDA) before every training batch from (run seed, batch number,
+    rank). Dropout, SpecAugment and router jitter then depend only on the batch, so a run resumed from a
+    checkpoint draws exactly what the uninterrupted run drew, whatever ran in between (validation, a
+    DataLoader's seed draw)."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        batch_number = trainer.fit_loop.epoch_loop.total_batch_idx
+        seed = int(np.random.SeedSequence([run_seed, batch_number, trainer.global_rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient (the message names the step and the samples)."""
+
+
+class NonFiniteGuard(Callback):
+    """Checks the loss and the gradients of every training step before the optimizer uses them.
+
+    A non-finite value is reported with the global step and the ids of the step's samples (each rank names its
+    own); then the run stops with ``NonFiniteError``, or with ``skip=True`` the step is skipped (gradients
+    dropped, so the optimizer leaves the weights and its state alone) and training goes on. The decision is
+    taken on all ranks together. fp16 mixed precision is left to its gradient scaler, which skips such steps.
+    """
+
+    def __init__(self, skip: bool = False) -> None:
+        self.skip = skip
+        self.skipped: list[int] = []  # global steps skipped in this process
+        self._ids: list[str] = []
+        self._loss: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._ids += list(getattr(batch, "ids", []))
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._loss.append(float(loss.detach()))
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        ids, losses = self._ids, self._loss
+        self._ids, self._loss = [], []
+        precision = trainer.precision_plugin
+        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        bad = torch.tensor(float(not norm.isfinite() or not all(map(np.isfinite, losses))))
+        if float(trainer.strategy.reduce(bad.to(pl_module.device), reduce_op="sum")) == 0:
+            return
+        what = f"loss {losses}" if not all(map(np.isfinite, losses)) else f"gradient norm {float(norm)}"
+        message = (
+            f"non-finite training step at global step {trainer.global_step} (rank {trainer.global_rank}: "
+            f"{what}); sample ids: {ids}"
+        )
+        if not self.skip:
+            raise NonFiniteError(message + "; set nonfinite.skip=true to skip such steps")
+        print(f"warning: {message}; step skipped", flush=True)
+        self.skipped.append(trainer.global_step)
+        optimizer.zero_grad(set_to_none=True)
