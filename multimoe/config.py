@@ -57,9 +57,13 @@ class TextEncoderConfig:
     intermediate_size: int = 256
     max_length: int = 32
     train_layers: int | None = None
+    dropout: float = 0.1  # scratch backbone: BERT's hidden and attention dropout
 
     def __post_init__(self) -> None:
         _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length")
+        _check(
+            0.0 <= self.dropout < 1.0, "TextEncoderConfig.dropout", f"must be in [0, 1), got {self.dropout}"
+        )
         _check(self.vocab_size >= 0, "TextEncoderConfig.vocab_size", "must be >= 0 (set from the tokenizer)")
         _check(
             self.hidden_size % self.num_heads == 0,
@@ -266,13 +270,19 @@ class MoEConfig:
 
 @dataclass
 class TrunkConfig:
-    """The shared pre-norm transformer; dense blocks use ``d_ff``, MoE blocks use ``MoEConfig``."""
+    """The shared pre-norm transformer; dense blocks use ``d_ff``, MoE blocks use ``MoEConfig``.
+
+    ``activation_checkpointing``: in training, keep only each block's input and recompute the block in the
+    backward pass (less memory, ~1/3 more compute). ``compile``: ``torch.compile`` each block (the MoE layer
+    compiles without graph breaks; the block's real-token gather has a data-dependent shape)."""
 
     d_model: int = 128
     depth: int = 4
     num_heads: int = 4
     d_ff: int = 512
     dropout: float = 0.0
+    activation_checkpointing: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "d_model", "depth", "num_heads", "d_ff")

@@ -233,7 +233,9 @@ class MultiMoEModule(L.LightningModule):
         self._log_routing("test")
 
     def _log_routing(self, stage: str) -> None:
-        """Share of each modality's tokens that each of its allowed experts received, per MoE layer."""
+        """Share of each modality's tokens that each of its allowed experts received, per MoE layer, over
+        the tokens of all ranks."""
+        self.routing = [self.trainer.strategy.reduce(counts, reduce_op="sum") for counts in self.routing]
         self.routing_shares = routing_shares(self.routing, self.config.modalities)
         for (layer, modality, expert), share in self.routing_shares.items():
             self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)

@@ -163,7 +163,7 @@ def build_model(
         Block(d, config.trunk.num_heads, _ffn(config, i, modalities), config.trunk.dropout)
         for i in range(config.trunk.depth)
     ]
-    trunk = SharedTransformer(blocks, d)
+    trunk = SharedTransformer(blocks, d, config.trunk.activation_checkpointing, config.trunk.compile)
     classifier = None
     if config.classifier.num_classes > 0:
         head = config.classifier

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from multimoe.moe.layer import MoELayer, RouterStats
 
@@ -87,17 +88,26 @@ class Block(nn.Module):
 class SharedTransformer(nn.Module):
     """The one trunk every modality shares. Returns the final tokens and one RouterStats per MoE block."""
 
-    def __init__(self, blocks: list[Block], d_model: int) -> None:
+    def __init__(
+        self, blocks: list[Block], d_model: int, checkpointing: bool = False, compile: bool = False
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d_model)
+        self.checkpointing = checkpointing
+        if compile:
+            for block in blocks:
+                block.compile(dynamic=True)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         router_stats = []
         for block in self.blocks:
-            x, stats = block(x, mask, modality_ids)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x, stats = checkpoint(block, x, mask, modality_ids, use_reentrant=False)
+            else:
+                x, stats = block(x, mask, modality_ids)
             if stats is not None:
                 router_stats.append(stats)
         return self.norm(x), router_stats

@@ -1,16 +1,21 @@
-"""A callback that tests put into ``train.py`` runs (``--trainer.callbacks+=...``) to watch them from outside:
-it appends every step's loss (averaged over the ranks) to a JSON-lines file, and can stop the run at a given
-step and wait there, so that a test can kill it at a known point."""
+"""Running ``train.py fit`` as a real subprocess and watching it from outside: the Probe callback (put into
+the run with ``--trainer.callbacks+=``) appends every step's loss, averaged over the ranks, and the step's
+sample ids to a JSON-lines file, and can hold the run at a given step so that a test can kill it there."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Probe(Callback):
@@ -32,3 +37,38 @@ class Probe(Callback):
         if trainer.is_global_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": trainer.global_step, "loss": loss, "ids": batch.ids}) + "\n")
+
+
+def fit_command(root: Path, manifests: dict[str, Path], *extra: str, pause_at_step: int = 0) -> list[str]:
+    """train.py fit on the tiny config, one validation batch, no test, the Probe logging to root/log.jsonl."""
+    probe = {"class_path": "tests.probes.Probe", "init_args": {"log": str(root / "log.jsonl")}}
+    probe["init_args"]["pause_at_step"] = pause_at_step  # type: ignore[index]
+    return [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config=configs/tiny.yaml",
+        *[f"--data.{k}_manifest={v}" for k, v in manifests.items()],
+        f"--trainer.default_root_dir={root}",
+        "--trainer.limit_val_batches=1",
+        "--test_after_fit=false",
+        f"--trainer.callbacks+={json.dumps(probe)}",
+        *extra,
+    ]
+
+
+def start(command: list[str], out: Path) -> subprocess.Popen[bytes]:
+    """One torch thread per process: the runs of a test share the machine's cores."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with out.open("wb") as f:
+        return subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def finish(process: subprocess.Popen[bytes], out: Path) -> str:
+    assert process.wait(timeout=300) == 0, out.read_text()[-3000:]
+    return out.read_text()
+
+
+def losses(root: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (root / "log.jsonl").read_text().splitlines())]

@@ -4,7 +4,6 @@ checkpoint whole."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,44 +13,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.probes import ROOT, finish, fit_command, losses, start
 
-
-def fit_command(root: Path, manifests: dict[str, Path], *extra: str, pause_at_step: int = 0) -> list[str]:
-    """train.py fit on the tiny config: 48 rows, batch 8 = 6 steps per epoch, 2 epochs, ``last.ckpt`` every 2
-    steps; the Probe callback logs each step's loss and can hold the run at a step."""
-    probe = {"class_path": "tests.probes.Probe", "init_args": {"log": str(root / "log.jsonl")}}
-    probe["init_args"]["pause_at_step"] = pause_at_step  # type: ignore[index]
-    return [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config=configs/tiny.yaml",
-        *[f"--data.{k}_manifest={v}" for k, v in manifests.items()],
-        f"--trainer.default_root_dir={root}",
-        "--trainer.max_epochs=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.deterministic=true",
-        "--checkpoint.last_every_n_steps=2",
-        "--test_after_fit=false",
-        f"--trainer.callbacks+={json.dumps(probe)}",
-        *extra,
-    ]
-
-
-def start(command: list[str], out: Path) -> subprocess.Popen[bytes]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as f:
-        return subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-
-
-def finish(process: subprocess.Popen[bytes], out: Path) -> str:
-    assert process.wait(timeout=300) == 0, out.read_text()[-3000:]
-    return out.read_text()
-
-
-def losses(root: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (root / "log.jsonl").read_text().splitlines())]
+RESUMABLE = ["--trainer.max_epochs=2", "--trainer.deterministic=true", "--checkpoint.last_every_n_steps=2"]
 
 
 def summary(stdout: str) -> dict[str, str]:
@@ -61,9 +25,10 @@ def summary(stdout: str) -> dict[str, str]:
 
 
 def test_run_killed_mid_epoch_resumes_exactly(digit_manifests: dict[str, Path], tmp_path: Path) -> None:
+    """48 rows, batch 8: 6 steps per epoch, 2 epochs; last.ckpt every 2 steps; killed after step 9."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    uninterrupted = start(fit_command(full, digit_manifests), full / "out.txt")
-    killed = start(fit_command(cut, digit_manifests, pause_at_step=9), cut / "out.txt")
+    uninterrupted = start(fit_command(full, digit_manifests, *RESUMABLE), full / "out.txt")
+    killed = start(fit_command(cut, digit_manifests, *RESUMABLE, pause_at_step=9), cut / "out.txt")
     deadline = time.monotonic() + 300
     while not (cut / "log.paused").exists():  # steps 1..9 done, last.ckpt written at step 8
         assert killed.poll() is None and time.monotonic() < deadline, (cut / "out.txt").read_text()[-3000:]
@@ -73,9 +38,8 @@ def test_run_killed_mid_epoch_resumes_exactly(digit_manifests: dict[str, Path], 
     saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (saved["epoch"], saved["global_step"]) == (1, 8)  # two batches into the second epoch
 
-    resumed = finish(
-        start([*fit_command(cut, digit_manifests), "--ckpt_path=last"], cut / "out2.txt"), cut / "out2.txt"
-    )
+    restart = fit_command(cut, digit_manifests, *RESUMABLE, "--ckpt_path=last")
+    resumed = finish(start(restart, cut / "out2.txt"), cut / "out2.txt")
     expected = finish(uninterrupted, full / "out.txt")
 
     reference, before_kill = losses(full), losses(cut)

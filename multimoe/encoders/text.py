@@ -43,6 +43,8 @@ class TextEncoder(nn.Module, Pretrained):
                 max_position_embeddings=config.max_length,
                 pad_token_id=0,  # WordTokenizer's <pad>
                 type_vocab_size=1,
+                hidden_dropout_prob=config.dropout,
+                attention_probs_dropout_prob=config.dropout,
             )
             self.backbone: Any = BertModel(bert, add_pooling_layer=False)
         else:
