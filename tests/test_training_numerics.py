@@ -31,9 +31,9 @@ def tiny(manifests: dict[str, Path], **trunk: Any) -> tuple[MultiMoEModule, Mult
     return MultiMoEModule(config, data.labels, data.vocab, warmup_steps=2), data
 
 
-def trainer(steps: int, *callbacks: L.Callback, **kwargs: Any) -> L.Trainer:
+def trainer(steps: int, *callbacks: L.Callback, accelerator: str = "cpu", **kwargs: Any) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         max_steps=steps,
         limit_val_batches=0,
         logger=False,
