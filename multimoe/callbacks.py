@@ -69,7 +69,7 @@ class NonFiniteGuard(Callback):
         self.skip = skip
         self.skipped: list[int] = []  # global steps skipped in this process
         self._ids: list[str] = []
-        self._loss: list[float] = []
+        self._losses: list[torch.Tensor] = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -79,22 +79,23 @@ class NonFiniteGuard(Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        self._loss.append(float(loss.detach()))
+        self._losses.append(loss.detach().float().reshape(1))
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        ids, losses = self._ids, self._loss
-        self._ids, self._loss = [], []
+        ids, losses = self._ids, self._losses
+        self._ids, self._losses = [], []
         precision = trainer.precision_plugin
         if isinstance(precision, MixedPrecision) and precision.scaler is not None:
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        bad = torch.tensor(float(not norm.isfinite() or not all(map(np.isfinite, losses))))
-        if float(trainer.strategy.reduce(bad.to(pl_module.device), reduce_op="sum")) == 0:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
+        loss = torch.cat(losses) if losses else norm.new_zeros(1)
+        bad = (~norm.isfinite()).float() + (~loss.isfinite()).any().float()  # one host sync below
+        if float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0:
             return
-        what = f"loss {losses}" if not all(map(np.isfinite, losses)) else f"gradient norm {float(norm)}"
+        what = f"loss {loss.tolist()}" if not loss.isfinite().all() else f"gradient norm {float(norm)}"
         message = (
             f"non-finite training step at global step {trainer.global_step} (rank {trainer.global_rank}: "
             f"{what}); sample ids: {ids}"
