@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import BLEUScore
 
-from multimoe.config import MultiMoEConfig
+from multimoe.config import GenerationConfig, MultiMoEConfig, config_from_dict
 from multimoe.data.collate import Batch
 from multimoe.data.dataset import IGNORE_INDEX
 from multimoe.data.tokenizer import WordTokenizer
@@ -29,6 +29,7 @@ class MultiMoEModule(L.LightningModule):
     vocab: the word vocabulary of the tokenizer (likewise filled in from the training manifest).
     lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to zero.
     caption_loss_weight: weight of the caption loss against the classification loss.
+    generation: how captions are generated in validation, test and predict (greedy by default).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class MultiMoEModule(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
         caption_loss_weight: float = 1.0,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
@@ -49,12 +51,16 @@ class MultiMoEModule(L.LightningModule):
         self.config = _sized(config or MultiMoEConfig(), len(self.labels), len(self.words or []))
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.caption_loss_weight = caption_loss_weight
+        if isinstance(generation, dict):  # from a checkpoint's hyper-parameters
+            generation = config_from_dict(GenerationConfig, generation)
+        self.generation = generation or GenerationConfig()
         self.save_hyperparameters(
             {"config": self.config.to_dict(), "labels": self.labels, "vocab": vocab, "lr": lr}
             | {
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
                 "caption_loss_weight": caption_loss_weight,
+                "generation": dataclasses.asdict(self.generation),
             }
         )
         self.model: MultiMoE = build_model(self.config, self.labels, vocab)
@@ -170,7 +176,7 @@ class MultiMoEModule(L.LightningModule):
 
     def generate_captions(self, batch: Batch) -> list[str]:
         assert self.words is not None
-        ids = self.model.generate(batch.inputs, self.words.bos_id, self.words.eos_id)
+        ids = self.model.generate(batch.inputs, self.words.bos_id, self.words.eos_id, self.generation)
         return [self.words.decode(seq) for seq in ids.tolist()]
 
     # ---- logging -----------------------------------------------------------------------------------------
