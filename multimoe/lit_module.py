@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import BLEUScore
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from multimoe.config import GenerationConfig, MultiMoEConfig, config_from_dict
+from multimoe.config import GenerationConfig, MultiMoEConfig
 from multimoe.data.collate import Batch
 from multimoe.data.dataset import IGNORE_INDEX
 from multimoe.data.tokenizer import WordTokenizer
+from multimoe.metrics import caption_metrics, classification_report
 from multimoe.modality import Modality
 from multimoe.model import MultiMoE, MultiMoEOutput, build_model
 
@@ -51,8 +51,8 @@ class MultiMoEModule(L.LightningModule):
         self.config = _sized(config or MultiMoEConfig(), len(self.labels), len(self.words or []))
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.caption_loss_weight = caption_loss_weight
-        if isinstance(generation, dict):  # from a checkpoint's hyper-parameters
-            generation = config_from_dict(GenerationConfig, generation)
+        # Not a saved hyper-parameter: the CLI applies a checkpoint's over the command line's, and how to
+        # generate is chosen per command (``--model.generation.strategy beam``).
         self.generation = generation or GenerationConfig()
         self.save_hyperparameters(
             {"config": self.config.to_dict(), "labels": self.labels, "vocab": vocab, "lr": lr}
@@ -60,7 +60,6 @@ class MultiMoEModule(L.LightningModule):
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
                 "caption_loss_weight": caption_loss_weight,
-                "generation": dataclasses.asdict(self.generation),
             }
         )
         self.model: MultiMoE = build_model(self.config, self.labels, vocab)
@@ -68,8 +67,13 @@ class MultiMoEModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
             | {f"{s}_caption_exact": MeanMetric() for s in ("val", "test")}
-            | {f"{s}_bleu4": BLEUScore(n_gram=4) for s in ("val", "test")}
+            | {f"{s}_macro_f1": MulticlassF1Score(num_classes, average="macro") for s in ("val", "test")}
+            | {"test_confusion": MulticlassConfusionMatrix(num_classes)}
         )
+        # Generated captions and their references over an eval epoch: corpus metrics need them all.
+        self.captions: tuple[list[str], list[list[str]]] = ([], [])
+        self.test_report: dict[str, Any] = {}  # classification report and caption metrics of the last test
+        self.test_captions: tuple[list[str], list[list[str]]] = ([], [])  # and its captions, references
         self.routing: list[torch.Tensor] = []  # summed tokens_per_expert per MoE layer, over an eval epoch
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -140,6 +144,11 @@ class MultiMoEModule(L.LightningModule):
                 prog_bar=True,
                 batch_size=len(batch),
             )
+            keep = batch.labels != IGNORE_INDEX
+            for name in [f"{stage}_macro_f1"] + ["test_confusion"] * (stage == "test"):
+                self._metric(name).update(out.class_logits[keep], batch.labels[keep])
+            f1 = self._metric(f"{stage}_macro_f1")
+            self.log(f"{stage}/macro_f1", f1, on_epoch=True, batch_size=len(batch))
         if self.model.captioner is not None and any(batch.references):
             self._eval_captions(stage, batch)
 
@@ -150,16 +159,11 @@ class MultiMoEModule(L.LightningModule):
         refs = [[self.words.normalize(r) for r in batch.references[i]] for i in have]
         preds = [captions[i] for i in have]
         matches = torch.tensor([float(p in r) for p, r in zip(preds, refs, strict=True)], device=self.device)
-        for name in ("caption_exact", "bleu4"):
-            metric = self._metric(f"{stage}_{name}")
-            metric.update(matches) if name == "caption_exact" else metric.update(preds, refs)
-            self.log(
-                f"{stage}/{name}",
-                metric,
-                on_epoch=True,
-                prog_bar=name == "caption_exact",
-                batch_size=len(have),
-            )
+        metric = self._metric(f"{stage}_caption_exact")
+        metric.update(matches)
+        self.log(f"{stage}/caption_exact", metric, on_epoch=True, prog_bar=True, batch_size=len(have))
+        self.captions[0].extend(preds)
+        self.captions[1].extend(refs)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         out = self(batch)
@@ -233,9 +237,29 @@ class MultiMoEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_routing("val")
+        self._log_caption_metrics("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_routing("test")
+        self.test_captions = self.captions
+        self.test_report = {"captions": self._log_caption_metrics("test")}
+        if self.model.classifier is not None:
+            confusion = self._metric("test_confusion")
+            self.test_report["classification"] = classification_report(confusion.compute(), self.labels)
+            confusion.reset()
+
+    def _log_caption_metrics(self, stage: str) -> dict[str, float]:
+        """BLEU-1..4, CIDEr-D and ROUGE-L of the epoch's captions (gathered from every process)."""
+        preds, refs = self.captions
+        self.captions = ([], [])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (preds, refs))
+            preds, refs = [p for part in parts for p in part[0]], [r for part in parts for r in part[1]]
+        scores = caption_metrics(preds, refs)
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=True)
+        return scores
 
     def _log_routing(self, stage: str) -> None:
         """Share of each modality's tokens that each of its allowed experts received, per MoE layer."""
