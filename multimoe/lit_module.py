@@ -9,6 +9,7 @@ from typing import Any, cast
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
@@ -266,6 +267,12 @@ class MultiMoEModule(L.LightningModule):
         self.routing_shares = routing_shares(self.routing, self.config.modalities)
         for (layer, modality, expert), share in self.routing_shares.items():
             self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)
+        if self.routing and isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking:
+            from multimoe.analysis import share_heatmap  # matplotlib, only when drawing
+
+            allowed = [layer.router.allowed for layer in self.model.moe_layers()]
+            figure = share_heatmap(self.routing, allowed, self.config.modalities)
+            self.logger.experiment.add_figure(f"{stage}_routing/shares", figure, self.global_step)
         for index, (moe, counts) in enumerate(zip(self.model.moe_layers(), self.routing, strict=False)):
             for m, e, share in moe.collapsed(counts):
                 rank_zero_warn(
