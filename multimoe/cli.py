@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from multimoe.config import ConfigError
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError
 from multimoe.lit_module import MultiMoEModule
+from multimoe.metrics import meteor_score
 
 
 class MultiMoECLI(LightningCLI):
@@ -37,6 +39,15 @@ class MultiMoECLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit"
         )
+        parser.add_argument(
+            "--metrics_file",
+            type=str | None,
+            default=None,
+            help="where test writes its metrics JSON (default: <checkpoint>.metrics.json)",
+        )
+        parser.add_argument(
+            "--meteor", type=bool, default=False, help="add METEOR to the test metrics (needs Java)"
+        )
         parser.link_arguments("model.config", "data.config")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
@@ -54,12 +65,36 @@ class MultiMoECLI(LightningCLI):
         if self.config_init[self.subcommand].get("test_after_fit") and "test" in self.datamodule.rows:
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
             metrics |= _scalars(results[0]) if results else {}
+            self._write_metrics(metrics, best)
         self._summary(metrics, best, getattr(checkpoint, "last_model_path", None))
 
     def after_test(self) -> None:
-        self._summary(
-            _scalars(self.trainer.callback_metrics), self.config_init["test"].get("ckpt_path"), None
+        metrics = _scalars(self.trainer.callback_metrics)
+        self._write_metrics(metrics, str(self.trainer.ckpt_path or "") or None)
+        self._summary(metrics, self.config_init["test"].get("ckpt_path"), None)
+
+    def _write_metrics(self, metrics: dict[str, float], checkpoint: str | None) -> None:
+        """The test metrics as JSON: scalars, the classification report and the caption scores."""
+        if not self.trainer.is_global_zero:
+            return
+        config = self.config_init[self.subcommand]
+        default = (
+            f"{checkpoint}.metrics.json" if checkpoint else f"{self.trainer.log_dir or '.'}/metrics.json"
         )
+        path = Path(config.get("metrics_file") or default)
+        report = dict(self.model.test_report)
+        if config.get("meteor") and (meteor := meteor_score(*self.model.test_captions)) is not None:
+            report["captions"] = report.get("captions", {}) | {"meteor": meteor}
+        keys = [k for k in sorted(metrics) if k.startswith("test/") and "routing/" not in k]
+        summary = {
+            "checkpoint": checkpoint,
+            "manifest": self.config[self.subcommand].get("data.test_manifest"),
+            "generation": dataclasses.asdict(self.model.generation),
+            "metrics": {k: metrics[k] for k in keys},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary | report, indent=2) + "\n")
+        print(f"wrote test metrics to {path}")
 
     def after_validate(self) -> None:
         self._summary(

@@ -331,6 +331,48 @@ class CaptionConfig:
         )
 
 
+GenerationStrategy = Literal["greedy", "beam", "sample"]
+
+
+@dataclass
+class GenerationConfig:
+    """How captions are generated (not part of the architecture; set per command, e.g.
+    ``--model.generation.strategy beam``).
+
+    ``greedy`` takes the most likely word; ``beam`` keeps ``num_beams`` hypotheses and ranks finished ones
+    by ``sum log p / length ** length_penalty``; ``sample`` draws from the ``temperature``-scaled
+    distribution cut to the ``top_k`` words (0 = all) and the smallest set of probability ``top_p``, with
+    ``seed`` (``None`` = torch's global generator). ``no_repeat_ngram_size > 0`` forbids repeating any
+    n-gram (every strategy).
+    ``max_length``: most words generated including the stop token (``None`` = up to ``caption.max_length``
+    minus the start token). ``use_cache``: reuse the keys/values of earlier steps (same result, faster).
+    """
+
+    strategy: GenerationStrategy = "greedy"
+    max_length: int | None = None
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of(self, "strategy", ("greedy", "beam", "sample"))
+        _positive(self, "num_beams", "temperature")
+        _check(
+            self.max_length is None or self.max_length > 0,
+            "GenerationConfig.max_length",
+            f"must be null (the decoder's limit) or > 0, got {self.max_length}",
+        )
+        for name in ("no_repeat_ngram_size", "top_k"):
+            value = getattr(self, name)
+            _check(value >= 0, f"GenerationConfig.{name}", f"must be >= 0, got {value}")
+        _check(0.0 < self.top_p <= 1.0, "GenerationConfig.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
 @dataclass
 class MultiMoEConfig:
     """The whole model: which modalities, their encoders, the shared MoE trunk and the heads."""

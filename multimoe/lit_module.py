@@ -9,15 +9,16 @@ from typing import Any, cast
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import BLEUScore
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from multimoe.config import MultiMoEConfig
+from multimoe.config import GenerationConfig, MultiMoEConfig
 from multimoe.data.collate import Batch
 from multimoe.data.dataset import IGNORE_INDEX
 from multimoe.data.tokenizer import WordTokenizer
+from multimoe.metrics import caption_metrics, classification_report
 from multimoe.modality import Modality
 from multimoe.model import MultiMoE, MultiMoEOutput, build_model
 
@@ -29,6 +30,7 @@ class MultiMoEModule(L.LightningModule):
     vocab: the word vocabulary of the tokenizer (likewise filled in from the training manifest).
     lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to zero.
     caption_loss_weight: weight of the caption loss against the classification loss.
+    generation: how captions are generated in validation, test and predict (greedy by default).
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class MultiMoEModule(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
         caption_loss_weight: float = 1.0,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
@@ -49,6 +52,9 @@ class MultiMoEModule(L.LightningModule):
         self.config = _sized(config or MultiMoEConfig(), len(self.labels), len(self.words or []))
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.caption_loss_weight = caption_loss_weight
+        # Not a saved hyper-parameter: the CLI applies a checkpoint's over the command line's, and how to
+        # generate is chosen per command (``--model.generation.strategy beam``).
+        self.generation = generation or GenerationConfig()
         self.save_hyperparameters(
             {"config": self.config.to_dict(), "labels": self.labels, "vocab": vocab, "lr": lr}
             | {
@@ -62,9 +68,14 @@ class MultiMoEModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
             | {f"{s}_caption_exact": MeanMetric() for s in ("val", "test")}
-            | {f"{s}_bleu4": BLEUScore(n_gram=4) for s in ("val", "test")}
+            | {f"{s}_macro_f1": MulticlassF1Score(num_classes, average="macro") for s in ("val", "test")}
+            | {"test_confusion": MulticlassConfusionMatrix(num_classes)}
         )
         self._metric("train_acc").persistent(True)  # checkpointed: a resume mid-epoch keeps the epoch's count
+        # Generated captions and their references over an eval epoch: corpus metrics need them all.
+        self.captions: tuple[list[str], list[list[str]]] = ([], [])
+        self.test_report: dict[str, Any] = {}  # classification report and caption metrics of the last test
+        self.test_captions: tuple[list[str], list[list[str]]] = ([], [])  # and its captions, references
         self.routing: list[torch.Tensor] = []  # summed tokens_per_expert per MoE layer, over an eval epoch
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -135,6 +146,11 @@ class MultiMoEModule(L.LightningModule):
                 prog_bar=True,
                 batch_size=len(batch),
             )
+            keep = batch.labels != IGNORE_INDEX
+            for name in [f"{stage}_macro_f1"] + ["test_confusion"] * (stage == "test"):
+                self._metric(name).update(out.class_logits[keep], batch.labels[keep])
+            f1 = self._metric(f"{stage}_macro_f1")
+            self.log(f"{stage}/macro_f1", f1, on_epoch=True, batch_size=len(batch))
         if self.model.captioner is not None and any(batch.references):
             self._eval_captions(stage, batch)
 
@@ -145,16 +161,11 @@ class MultiMoEModule(L.LightningModule):
         refs = [[self.words.normalize(r) for r in batch.references[i]] for i in have]
         preds = [captions[i] for i in have]
         matches = torch.tensor([float(p in r) for p, r in zip(preds, refs, strict=True)], device=self.device)
-        for name in ("caption_exact", "bleu4"):
-            metric = self._metric(f"{stage}_{name}")
-            metric.update(matches) if name == "caption_exact" else metric.update(preds, refs)
-            self.log(
-                f"{stage}/{name}",
-                metric,
-                on_epoch=True,
-                prog_bar=name == "caption_exact",
-                batch_size=len(have),
-            )
+        metric = self._metric(f"{stage}_caption_exact")
+        metric.update(matches)
+        self.log(f"{stage}/caption_exact", metric, on_epoch=True, prog_bar=True, batch_size=len(have))
+        self.captions[0].extend(preds)
+        self.captions[1].extend(refs)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         out = self(batch)
@@ -171,7 +182,7 @@ class MultiMoEModule(L.LightningModule):
 
     def generate_captions(self, batch: Batch) -> list[str]:
         assert self.words is not None
-        ids = self.model.generate(batch.inputs, self.words.bos_id, self.words.eos_id)
+        ids = self.model.generate(batch.inputs, self.words.bos_id, self.words.eos_id, self.generation)
         return [self.words.decode(seq) for seq in ids.tolist()]
 
     # ---- logging -----------------------------------------------------------------------------------------
@@ -228,9 +239,29 @@ class MultiMoEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_routing("val")
+        self._log_caption_metrics("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_routing("test")
+        self.test_captions = self.captions
+        self.test_report = {"captions": self._log_caption_metrics("test")}
+        if self.model.classifier is not None:
+            confusion = self._metric("test_confusion")
+            self.test_report["classification"] = classification_report(confusion.compute(), self.labels)
+            confusion.reset()
+
+    def _log_caption_metrics(self, stage: str) -> dict[str, float]:
+        """BLEU-1..4, CIDEr-D and ROUGE-L of the epoch's captions (gathered from every process)."""
+        preds, refs = self.captions
+        self.captions = ([], [])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (preds, refs))
+            preds, refs = [p for part in parts for p in part[0]], [r for part in parts for r in part[1]]
+        scores = caption_metrics(preds, refs)
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=True)
+        return scores
 
     def _log_routing(self, stage: str) -> None:
         """Share of each modality's tokens that each of its allowed experts received, per MoE layer, over
@@ -239,6 +270,12 @@ class MultiMoEModule(L.LightningModule):
         self.routing_shares = routing_shares(self.routing, self.config.modalities)
         for (layer, modality, expert), share in self.routing_shares.items():
             self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)
+        if self.routing and isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking:
+            from multimoe.analysis import share_heatmap  # matplotlib, only when drawing
+
+            allowed = [layer.router.allowed for layer in self.model.moe_layers()]
+            figure = share_heatmap(self.routing, allowed, self.config.modalities)
+            self.logger.experiment.add_figure(f"{stage}_routing/shares", figure, self.global_step)
         for index, (moe, counts) in enumerate(zip(self.model.moe_layers(), self.routing, strict=False)):
             for m, e, share in moe.collapsed(counts):
                 rank_zero_warn(

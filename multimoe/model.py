@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from multimoe.config import MultiMoEConfig
+from multimoe.config import GenerationConfig, MultiMoEConfig
 from multimoe.encoders import AudioEncoder, ImageEncoder, Projector, TextEncoder
 from multimoe.heads import CaptionDecoder, ClassificationHead
 from multimoe.modality import Modality, ModalityTokens, MultiModalInputs
@@ -114,14 +114,15 @@ class MultiMoE(nn.Module, Pretrained):
 
     @torch.no_grad()
     def generate(
-        self, inputs: MultiModalInputs, bos_id: int, eos_id: int, max_length: int | None = None
+        self, inputs: MultiModalInputs, bos_id: int, eos_id: int, config: GenerationConfig | None = None
     ) -> torch.Tensor:
-        """Greedy captions: ids (B, L) without BOS, ``eos_id`` after each caption's end."""
+        """Captions (greedy unless ``config`` says otherwise): ids (B, L) without BOS, ``eos_id`` after each
+        caption's end."""
         if self.captioner is None:
             raise ValueError("this model has no caption decoder (caption.vocab_size = 0)")
         x = self.encode(inputs)
         h, _ = self.trunk(x.tokens, x.mask, x.modality_ids)
-        return self.captioner.generate(h, x.mask, bos_id, eos_id, max_length)
+        return self.captioner.generate(h, x.mask, bos_id, eos_id, config)
 
     # ---- save_pretrained / from_pretrained (multimoe.pretrained) -----------------------------------------
     def saved_config(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from multimoe.config import (
     AudioEncoderConfig,
     CaptionConfig,
     ClassifierConfig,
+    GenerationConfig,
     ImageEncoderConfig,
     MoEConfig,
     MultiMoEConfig,
@@ -139,8 +140,8 @@ def test_backward_reaches_every_trained_parameter() -> None:
 def test_greedy_generation_stops_and_is_deterministic(model: MultiMoE) -> None:
     samples, _ = sample_inputs()
     inputs = collate(samples)
-    a = model.generate(inputs, bos_id=2, eos_id=3, max_length=8)
-    b = model.generate(inputs, bos_id=2, eos_id=3, max_length=8)
+    a = model.generate(inputs, bos_id=2, eos_id=3, config=GenerationConfig(max_length=7))
+    b = model.generate(inputs, bos_id=2, eos_id=3, config=GenerationConfig(max_length=7))
     assert torch.equal(a, b) and a.shape[0] == 3 and a.shape[1] <= 7
 
 
