@@ -63,3 +63,54 @@ def test_build_is_deterministic_and_idempotent(built: Path, tmp_path: Path) -> N
     start = time.perf_counter()
     result = prepare(again)
     assert "up to date" in result.stdout and time.perf_counter() - start < 10
+
+
+# ---- avmnist: real MNIST images + real FSDD speech, speaker-independent splits ---------------------------
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def prepare_avmnist(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "datasets/avmnist/prepare.py", "--source", str(SHARED_DATA), "--out", str(out)]
+    command += ["--limit", "40", *extra]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=check, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def avmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("avmnist") / "data"
+    prepare_avmnist(out)
+    return out
+
+
+def test_avmnist_splits_by_speaker_and_image(avmnist: Path) -> None:
+    speakers, images = {}, {}
+    for split in ("train", "val", "test"):
+        rows = read_manifest(avmnist / f"{split}.jsonl")
+        assert len(rows) == 40
+        for row in rows:
+            assert row.image and row.audio and row.label
+            digit = row.audio.stem.split("_")[0]  # FSDD names: <digit>_<speaker>_<n>.wav
+            assert row.label == digit == row.image.name.split("_")[0]
+            assert soundfile.info(row.audio).samplerate == 8000
+        speakers[split] = {row.audio.stem.split("_")[1] for row in rows if row.audio}
+        images[split] = {row.image.name for row in rows if row.image}
+    assert speakers["val"] == {"lucas"} and speakers["test"] == {"yweweler"}
+    assert not speakers["train"] & (speakers["val"] | speakers["test"]) and len(speakers["train"]) == 3
+    assert not images["train"] & images["val"] and not images["train"] & images["test"]
+    assert not images["val"] & images["test"]
+
+
+def test_avmnist_build_is_deterministic_and_checks_speakers(avmnist: Path, tmp_path: Path) -> None:
+    again = tmp_path / "data"
+    prepare_avmnist(again)
+    comparison = filecmp.dircmp(avmnist, again)
+    assert not comparison.diff_files and not comparison.left_only and not comparison.right_only
+    for sub in ("images", "audio"):
+        names = sorted(p.name for p in (avmnist / sub).iterdir())
+        _, mismatch, errors = filecmp.cmpfiles(avmnist / sub, again / sub, names, shallow=False)
+        assert not mismatch and not errors
+    assert "up to date" in prepare_avmnist(again).stdout
+    bad = prepare_avmnist(tmp_path / "bad", "--test-speakers", "nobody", check=False)
+    assert bad.returncode == 1 and "unknown speakers ['nobody']" in bad.stderr
