@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.util
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pytest
 import soundfile
+from PIL import Image
 
 from multimoe.data.manifest import label_set, read_manifest
 
@@ -114,3 +119,81 @@ def test_avmnist_build_is_deterministic_and_checks_speakers(avmnist: Path, tmp_p
     assert "up to date" in prepare_avmnist(again).stdout
     bad = prepare_avmnist(tmp_path / "bad", "--test-speakers", "nobody", check=False)
     assert bad.returncode == 1 and "unknown speakers ['nobody']" in bad.stderr
+
+
+# ---- tuxpaint: the parser and the build on tiny stamps written here; the installed package when present ----
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"prepare_{name}", ROOT / "datasets" / name / "prepare.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuxpaint_description_parser() -> None:
+    parse = load_script("tuxpaint").parse_description
+    text = "A  colour   pencil.\nfr.utf8=Un crayon.\nen_GB.utf8=A colour pencil.\nen_AU.utf8=A pencil.\n"
+    assert parse(text) == ["A colour pencil.", "A pencil."]
+    assert parse("A calculator.  6x7=42\nde.utf8=Ein Taschenrechner.\n") == ["A calculator. 6x7=42"]
+    assert parse("ca@valencia.utf8=Una bota.\n") == []
+
+
+def write_stamp(folder: Path, name: str, caption: str, sound: bool = False, png: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text(f"{caption}\nfr.utf8=Traduction.\n")
+    if png:
+        image = Image.new("RGBA", (40, 20), (0, 0, 0, 0))  # transparent, a red bar in the middle
+        image.paste((255, 0, 0, 255), (10, 5, 30, 15))
+        image.save(folder / f"{name}.png")
+    else:
+        (folder / f"{name}.svg").write_text("<svg/>")
+    if sound:
+        rng = np.random.default_rng(0)
+        soundfile.write(folder / f"{name}.ogg", rng.uniform(-0.5, 0.5, (11025, 2)), 11025)
+
+
+def test_tuxpaint_build_on_tiny_stamps(tmp_path: Path) -> None:
+    source = tmp_path / "stamps"
+    write_stamp(source / "animals", "frog", "A frog.\nen_GB.utf8=A green frog.", sound=True)
+    write_stamp(source / "animals", "frog-1", "A frog.")
+    write_stamp(source / "food", "pear", "A pear.", png=False)  # SVG only: skipped
+    for folder, name in [("food", "apple"), ("town", "house"), ("plants", "tree"), ("space", "moon")]:
+        write_stamp(source / folder, name, f"A {name}.")
+    out = tmp_path / "data"
+    command = [sys.executable, "datasets/tuxpaint/prepare.py", "--source", str(source), "--out", str(out)]
+    command += ["--image-size", "16", "--max-seconds", "0.5"]
+    subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+    rows = {
+        row.id: (split, row)
+        for split in ("train", "val", "test")
+        for row in read_manifest(out / f"{split}.jsonl")
+    }
+    assert sorted(rows) == sorted(
+        ["animals/frog", "animals/frog-1", "food/apple", "town/house", "plants/tree", "space/moon"]
+    )
+    assert rows["animals/frog"][0] == rows["animals/frog-1"][0]  # variants of a stamp share a split
+    assert {split for split, _ in rows.values()} == {"train", "val", "test"}
+    frog = rows["animals/frog"][1]
+    assert frog.captions == ["A frog.", "A green frog."] and frog.label == "animals"
+    assert frog.audio and rows["food/apple"][1].audio is None
+    data, rate = soundfile.read(frog.audio)
+    assert rate == 11025 and data.shape == (11025 // 2,)  # mono, cut at --max-seconds
+    assert frog.image
+    with Image.open(frog.image) as image:
+        assert image.size == (16, 16) and image.mode == "RGB"
+        assert image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((8, 8))[0] > 200
+    assert json.loads((out / "build.json").read_text())["skipped"]["no_png"] == 1
+
+
+def test_tuxpaint_installed_descriptions_all_have_english() -> None:
+    if not TUXPAINT_STAMPS.is_dir():
+        pytest.skip(f"{TUXPAINT_STAMPS} not found: apt-get install tuxpaint-stamps-default to run this test")
+    parse = load_script("tuxpaint").parse_description
+    texts = sorted(TUXPAINT_STAMPS.rglob("*.txt"))
+    captions = [parse(t.read_text(encoding="utf-8", errors="replace")) for t in texts]
+    assert len(texts) > 900 and all(captions)
+    assert not any(".utf8=" in c for caps in captions for c in caps)
