@@ -197,3 +197,79 @@ def test_tuxpaint_installed_descriptions_all_have_english() -> None:
     captions = [parse(t.read_text(encoding="utf-8", errors="replace")) for t in texts]
     assert len(texts) > 900 and all(captions)
     assert not any(".utf8=" in c for caps in captions for c in caps)
+
+
+# ---- emoji: Unicode's emoji-test.txt parser; a tiny build with the installed Noto Color Emoji font -------
+NOTO_EMOJI = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_TEST = """\
+# group: Smileys & Emotion
+1F600                                      ; fully-qualified     # 😀 E1.0 grinning face
+263A FE0F                                  ; fully-qualified     # ☺️ E0.6 smiling face
+263A                                       ; unqualified         # ☺ E0.6 smiling face
+1F642 200D 2194 FE0F                       ; fully-qualified     # 🙂‍↔️ E15.1 head shaking horizontally
+# group: People & Body
+1F44D                                      ; fully-qualified     # 👍 E0.6 thumbs up
+1F44D 1F3FD                                ; fully-qualified     # 👍🏽 E1.0 thumbs up: medium skin tone
+1F468 200D 1F469 200D 1F467                ; fully-qualified     # 👨‍👩‍👧 E2.0 family: man, woman, girl
+# group: Component
+1F3FB                                      ; component           # 🏻 E1.0 light skin tone
+1F9B0                                      ; component           # 🦰 E11.0 red hair
+# group: Flags
+1F1EB 1F1F7                                ; fully-qualified     # 🇫🇷 E2.0 flag: France
+# group: Objects
+1FAE9                                      ; fully-qualified     # ? E16.0 face with bags under eyes
+1F642 200D 1FAE9                           ; fully-qualified     # ? E99.0 made-up sequence
+"""
+
+
+def test_emoji_test_parser() -> None:
+    emoji = load_script("emoji").parse_emoji_test(EMOJI_TEST)
+    assert [e.name for e in emoji] == [
+        "grinning face",
+        "smiling face",
+        "head shaking horizontally",
+        "thumbs up",
+        "family: man, woman, girl",
+        "flag: France",
+        "face with bags under eyes",
+        "made-up sequence",
+    ]  # unqualified, skin-tone and component lines skipped
+    assert emoji[1].codepoints == (0x263A, 0xFE0F) and emoji[1].group == "Smileys & Emotion"
+    assert emoji[1].captions == ["smiling face", "white smiling face"]  # CLDR name, then Unicode's
+    assert emoji[0].captions == ["grinning face"] and emoji[5].captions == ["flag: France"]
+
+
+def test_emoji_build_renders_the_installed_font(tmp_path: Path) -> None:
+    if not NOTO_EMOJI.is_file():
+        pytest.skip(f"{NOTO_EMOJI} not found: apt-get install fonts-noto-color-emoji to run this test")
+    (tmp_path / "emoji-test.txt").write_text(EMOJI_TEST)
+    out = tmp_path / "data"
+    command = [sys.executable, "datasets/emoji/prepare.py", "--emoji-test", str(tmp_path / "emoji-test.txt")]
+    command += ["--out", str(out), "--image-size", "16"]
+    subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+    rows = {
+        row.id: row for split in ("train", "val", "test") for row in read_manifest(out / f"{split}.jsonl")
+    }
+    assert sorted(rows) == [
+        "1f1eb-1f1f7",
+        "1f44d",
+        "1f468-200d-1f469-200d-1f467",
+        "1f600",
+        "1f642-200d-2194-fe0f",
+        "263a-fe0f",
+    ]
+    missing = json.loads((out / "build.json").read_text())["missing_glyphs"]
+    assert sorted(missing) == [
+        "face with bags under eyes",
+        "made-up sequence",
+    ]  # not in the font (Emoji 15.1)
+    assert rows["1f44d"].label == "People & Body" and rows["1f44d"].captions == [
+        "thumbs up",
+        "thumbs up sign",
+    ]
+    assert rows["1f600"].image
+    with Image.open(rows["1f600"].image) as image:
+        pixels = np.asarray(image)
+    assert image.size == (16, 16) and image.mode == "RGB"
+    assert pixels[0, 0].tolist() == [255, 255, 255]  # white background
+    assert (pixels[..., 0].astype(int) - pixels[..., 2]).max() > 100  # the grinning face is yellow
