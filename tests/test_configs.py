@@ -60,8 +60,9 @@ def test_every_config_parses_and_instantiates_through_the_cli(
     )
     assert isinstance(cli.model, MultiMoEModule)
     assert cli.model.labels == ["even", "odd"]
-    assert cli.model.config.caption.vocab_size == len(cli.datamodule.vocab)
     written = yaml.safe_load(config.read_text())["model"]["config"]
+    captions = written.get("caption", {}).get("enabled", True)
+    assert cli.model.config.caption.vocab_size == (len(cli.datamodule.vocab) if captions else 0)
     assert cli.model.config.trunk.d_model == written["trunk"]["d_model"]
 
 
