@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from multimoe.config import ConfigError
@@ -35,6 +36,9 @@ class MultiMoECLI(LightningCLI):
         parser.link_arguments("model.config", "data.config")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        self.trainer.callbacks.append(SaveOnCrash())  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
@@ -79,6 +83,20 @@ class MultiMoECLI(LightningCLI):
         print("\n".join(lines))
 
 
+class SaveOnCrash(Callback):
+    """When fit stops on an exception (a file that breaks mid-epoch, Ctrl-C), save the training state as
+    ``crash.ckpt`` beside the other checkpoints; ``last.ckpt`` keeps the last finished epoch."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath and trainer.global_step > 0:
+            path = Path(dirpath) / "crash.ckpt"
+            trainer.save_checkpoint(path)
+            print(f"fit stopped: saved the training state to {path}", file=sys.stderr)
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
@@ -93,5 +111,9 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except (ManifestError, ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # From a DataLoader worker the message holds the worker's traceback; its last line is the error.
+        message = (
+            str(error).strip().splitlines()[-1].removeprefix(f"{ManifestError.__module__}.ManifestError: ")
+        )
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
