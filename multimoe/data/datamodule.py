@@ -27,8 +27,8 @@ class MultiModalDataModule(L.LightningDataModule):
     skip_bad_rows: leave out bad rows (found before the first step, or a file that fails to load later) and
         count them, instead of stopping with an error that names the row.
     modality_dropout: in training, drop each modality of a sample with this probability (never all of them).
-    drop_modalities: modalities removed from every sample of every stage, e.g. ``[audio]`` to evaluate
-        without audio; samples left with nothing are left out.
+    drop_modalities: modalities removed from every sample of every stage, e.g. ``audio`` or ``[audio, text]``:
+        to evaluate without them; samples left with nothing are left out.
     """
 
     def __init__(
@@ -43,7 +43,7 @@ class MultiModalDataModule(L.LightningDataModule):
         cache: bool = True,
         skip_bad_rows: bool = False,
         modality_dropout: float = 0.0,
-        drop_modalities: list[str] | None = None,
+        drop_modalities: list[str] | str | None = None,
     ) -> None:
         super().__init__()
         self.config = config or MultiMoEConfig()
@@ -51,7 +51,8 @@ class MultiModalDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.cache = cache
         self.skip_bad_rows = skip_bad_rows
-        self.sampling = SamplingOptions(modality_dropout, list(drop_modalities or []))
+        drop = [drop_modalities] if isinstance(drop_modalities, str) else list(drop_modalities or [])
+        self.sampling = SamplingOptions(modality_dropout, drop)
         paths = {"fit": train_manifest, "validate": val_manifest, "test": test_manifest}
         paths["predict"] = predict_manifest or test_manifest
         train = read_manifest(Path(train_manifest), skip_bad_rows=skip_bad_rows)

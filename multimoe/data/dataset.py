@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from multimoe.config import ConfigError
 from multimoe.data.manifest import MODALITY_FIELDS, ManifestError, ManifestRow
 from multimoe.data.processors import AudioProcessor, ImageProcessor
 from multimoe.data.tokenizer import WordTokenizer
@@ -39,10 +40,10 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.modality_dropout <= 1.0:
-            raise ValueError(f"data.modality_dropout must be in [0, 1], got {self.modality_dropout}")
+            raise ConfigError(f"data.modality_dropout must be in [0, 1], got {self.modality_dropout}")
         unknown = sorted(set(self.drop) - set(MODALITY_FIELDS))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"data.drop_modalities: unknown modality {unknown[0]!r}; allowed: {MODALITY_FIELDS}"
             )
 
