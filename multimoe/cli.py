@@ -12,9 +12,11 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from multimoe import finetune
 from multimoe.config import ConfigError
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError
+from multimoe.finetune import FinetuneConfig
 from multimoe.lit_module import MultiMoEModule
 
 
@@ -33,9 +35,18 @@ class MultiMoECLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit"
         )
+        parser.add_class_arguments(FinetuneConfig, "finetune")
         parser.link_arguments("model.config", "data.config")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        self.base = finetune.prepare(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.base is not None:
+            print(finetune.apply(*self.base, self.model.model, self.trainer), file=sys.stderr)
 
     def before_fit(self) -> None:
         self.trainer.callbacks.append(SaveOnCrash())  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ class MultiModalDataModule(L.LightningDataModule):
     modality_dropout: in training, drop each modality of a sample with this probability (never all of them).
     drop_modalities: modalities removed from every sample of every stage, e.g. ``audio`` or ``[audio, text]``:
         to evaluate without them; samples left with nothing are left out.
+    base_vocab: a vocabulary whose words keep their ids, new words appended (set by fine-tuning).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class MultiModalDataModule(L.LightningDataModule):
         skip_bad_rows: bool = False,
         modality_dropout: float = 0.0,
         drop_modalities: list[str] | str | None = None,
+        base_vocab: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.config = config or MultiMoEConfig()
@@ -62,7 +64,8 @@ class MultiModalDataModule(L.LightningDataModule):
             for stage, path in paths.items()
             if path is not None and stage != "fit"
         }
-        self.words = WordTokenizer.build([t for r in train for t in [r.text or "", *r.captions]])
+        texts = [t for r in train for t in [r.text or "", *r.captions]]
+        self.words = WordTokenizer.build(texts, base_vocab)
         self.vocab: list[str] = self.words.vocab
         self.datasets: dict[str, ManifestDataset] = {}
 
