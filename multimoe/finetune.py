@@ -55,7 +55,7 @@ class FinetuneConfig:
     ``add_experts``: experts added per modality to every MoE layer. ``add_modalities``: modalities the
     checkpoint did not read. ``grow_in_steps``: steps over which new experts join the routing.
     ``grow_bias_rate``: ``moe.bias_update_rate`` of a grown model whose checkpoint had none (new experts need
-    the selection bias). Without a checkpoint the other fields are ignored."""
+    the selection bias). Without a checkpoint ``freeze`` is ignored and growing is refused."""
 
     checkpoint: str | None = None
     freeze: list[str] = field(default_factory=list)
@@ -284,6 +284,8 @@ def prepare(cfg: Any) -> tuple[MultiMoE, FinetuneConfig] | None:
     """Before the CLI builds anything (``cfg``: its parsed namespace): the model and data configs become the
     checkpoint's architecture, grown as asked, and the vocabulary starts from the checkpoint's."""
     if cfg.get("finetune") is None or not cfg.finetune.checkpoint:
+        if cfg.get("finetune") is not None and (cfg.finetune.add_experts or cfg.finetune.add_modalities):
+            raise ConfigError("finetune.add_experts and finetune.add_modalities need finetune.checkpoint")
         return None
     finetune = FinetuneConfig(**cfg.finetune.as_dict())
     base = load_base(cfg.finetune.checkpoint)
