@@ -41,7 +41,8 @@ class MultiMoECLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        self.base = finetune.prepare(self.config[self.subcommand] if self.subcommand else self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.base = finetune.prepare(config, self.subcommand)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

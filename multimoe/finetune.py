@@ -142,7 +142,9 @@ def transfer(base: MultiMoE, model: MultiMoE) -> list[NewExpert]:
         elif old.shape[1:] == value.shape[1:] and old.shape[0] == len(base.vocab) < value.shape[0]:
             value[: old.shape[0]] = old  # vocabulary rows: known words keep their ids
         else:
-            raise ValueError(f"cannot carry {name} over: {tuple(old.shape)} -> {tuple(value.shape)}")
+            raise ConfigError(
+                f"finetune: cannot carry {name} over: {tuple(old.shape)} -> {tuple(value.shape)}"
+            )
     model.load_state_dict(target)
     new: list[NewExpert] = []
     blocks = dict(zip(moe_prefixes, [_block_norm(model, p) for p in moe_prefixes], strict=True))
@@ -280,21 +282,33 @@ class GrowIn(L.Callback):
             bias[new.modality, new.expert] = new.start + (target - new.start) * self.done / self.steps
 
 
-def prepare(cfg: Any) -> tuple[MultiMoE, FinetuneConfig] | None:
-    """Before the CLI builds anything (``cfg``: its parsed namespace): the model and data configs become the
-    checkpoint's architecture, grown as asked, and the vocabulary starts from the checkpoint's."""
+def prepare(cfg: Any, subcommand: str | None = None) -> tuple[MultiMoE, FinetuneConfig] | None:
+    """Before the CLI builds anything (``cfg``: its parsed namespace): with ``finetune.checkpoint``, the model
+    and data configs become the checkpoint's architecture, grown as asked, and the vocabulary starts from the
+    checkpoint's. ``validate``, ``test`` and ``predict`` with a ``--ckpt_path`` likewise build the model that
+    checkpoint holds (a fine-tuned one, say) whatever the YAML says."""
+    ckpt_path = cfg.get("ckpt_path") if subcommand in ("validate", "test", "predict") else None
+    if ckpt_path and str(ckpt_path).endswith(".ckpt") and Path(ckpt_path).is_file():
+        hparams = torch.load(ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
+        _set_model_config(cfg, hparams["config"], hparams["vocab"])
+        return None
     if cfg.get("finetune") is None or not cfg.finetune.checkpoint:
         if cfg.get("finetune") is not None and (cfg.finetune.add_experts or cfg.finetune.add_modalities):
             raise ConfigError("finetune.add_experts and finetune.add_modalities need finetune.checkpoint")
         return None
     finetune = FinetuneConfig(**cfg.finetune.as_dict())
     base = load_base(cfg.finetune.checkpoint)
-    config = grown_config(base.config, finetune).to_dict()
-    sections = {k: type(cfg.model.config)(**v) if isinstance(v, dict) else v for k, v in config.items()}
-    cfg.model.config = type(cfg.model.config)(**sections)
-    cfg.data.config = cfg.model.config.clone()
-    cfg.data.base_vocab = base.vocab
+    _set_model_config(cfg, grown_config(base.config, finetune).to_dict(), base.vocab)
     return base, finetune
+
+
+def _set_model_config(cfg: Any, config: dict[str, Any], vocab: list[str] | None) -> None:
+    namespace = type(cfg.model.config)
+    cfg.model.config = namespace(
+        **{k: namespace(**v) if isinstance(v, dict) else v for k, v in config.items()}
+    )
+    cfg.data.config = cfg.model.config.clone()
+    cfg.data.base_vocab = vocab
 
 
 def apply(base: MultiMoE, finetune: FinetuneConfig, model: MultiMoE, trainer: L.Trainer | None) -> str:
