@@ -9,15 +9,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from multimoe import finetune
 from multimoe.callbacks import Checkpoint, NonFiniteError, NonFiniteGuard, SeedEveryStep
 from multimoe.checkpoint_io import AtomicCheckpointIO
 from multimoe.config import ConfigError
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError
+from multimoe.finetune import FinetuneConfig
 from multimoe.lit_module import MultiMoEModule
 from multimoe.metrics import meteor_score
 
@@ -48,6 +52,7 @@ class MultiMoECLI(LightningCLI):
         parser.add_argument(
             "--meteor", type=bool, default=False, help="add METEOR to the test metrics (needs Java)"
         )
+        parser.add_class_arguments(FinetuneConfig, "finetune")
         parser.link_arguments("model.config", "data.config")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
@@ -57,6 +62,18 @@ class MultiMoECLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # local saves become atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.base = finetune.prepare(config, self.subcommand)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.base is not None:
+            print(finetune.apply(*self.base, self.model.model, self.trainer), file=sys.stderr)
+
+    def before_fit(self) -> None:
+        self.trainer.callbacks.append(SaveOnCrash())  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
@@ -125,6 +142,20 @@ class MultiMoECLI(LightningCLI):
         print("\n".join(lines))
 
 
+class SaveOnCrash(Callback):
+    """When fit stops on an exception (a file that breaks mid-epoch, Ctrl-C), save the training state as
+    ``crash.ckpt`` beside the other checkpoints; ``last.ckpt`` keeps the last finished epoch."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath and trainer.global_step > 0:
+            path = Path(dirpath) / "crash.ckpt"
+            trainer.save_checkpoint(path)
+            print(f"fit stopped: saved the training state to {path}", file=sys.stderr)
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
@@ -140,5 +171,9 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except (ManifestError, ConfigError, FileNotFoundError, NonFiniteError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # From a DataLoader worker the message holds the worker's traceback; its last line is the error.
+        message = (
+            str(error).strip().splitlines()[-1].removeprefix(f"{ManifestError.__module__}.ManifestError: ")
+        )
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -107,7 +107,9 @@ class MultiMoEModule(L.LightningModule):
         )
         return losses
 
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any] | None:
+        if self._count_skipped("train", batch):
+            return None  # every sample of the batch was skipped: no step
         out = self(batch)
         losses = self._losses(batch, out)
         self._log_losses("train", losses, out, len(batch))
@@ -131,6 +133,8 @@ class MultiMoEModule(L.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: Batch) -> None:
+        if self._count_skipped(stage, batch):
+            return
         out = self(batch)
         self._log_losses(stage, self._losses(batch, out), out, len(batch))
         for layer, stats in enumerate(out.router_stats):
@@ -168,6 +172,8 @@ class MultiMoEModule(L.LightningModule):
         self.captions[1].extend(refs)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        if len(batch) == 0:
+            return []
         out = self(batch)
         rows: list[dict[str, Any]] = [{"id": i} for i in batch.ids]
         if out.class_logits is not None:
@@ -186,6 +192,20 @@ class MultiMoEModule(L.LightningModule):
         return [self.words.decode(seq) for seq in ids.tolist()]
 
     # ---- logging -----------------------------------------------------------------------------------------
+    def _count_skipped(self, stage: str, batch: Batch) -> bool:
+        """Log ``<stage>/skipped_rows`` (samples whose files failed to load, summed per epoch); True when
+        nothing is left of the batch."""
+        if batch.skipped:
+            self.log(
+                f"{stage}/skipped_rows",
+                float(batch.skipped),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                batch_size=1,
+            )
+        return len(batch) == 0
+
     def _metric(self, name: str) -> Metric:
         return cast(Metric, self.metrics[name])
 

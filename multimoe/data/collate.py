@@ -19,6 +19,7 @@ class Batch:
     labels: torch.Tensor  # (B,), IGNORE_INDEX where unlabelled
     caption_ids: torch.Tensor | None  # (B, L) <bos> ... <eos> <pad>...; None when no sample has a caption
     references: list[list[str]]  # reference captions per sample ([] when none)
+    skipped: int = 0  # samples left out because a file failed to load (data.skip_bad_rows)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -29,7 +30,8 @@ class Collator:
         self.text = text
         self.pad_id = pad_id
 
-    def __call__(self, samples: list[Sample]) -> Batch:
+    def __call__(self, loaded: list[Sample | None]) -> Batch:
+        samples = [s for s in loaded if s is not None]
         parts: dict[Modality, ModalityInputs] = {}
         texts = [(i, s.text) for i, s in enumerate(samples) if s.text is not None]
         if texts and self.text is not None:
@@ -58,6 +60,7 @@ class Collator:
             labels=torch.tensor([s.label for s in samples], dtype=torch.long),
             caption_ids=caption_ids,
             references=[s.references for s in samples],
+            skipped=len(loaded) - len(samples),
         )
 
 

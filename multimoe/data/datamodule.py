@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from multimoe.config import MultiMoEConfig
 from multimoe.data.collate import Batch, Collator
-from multimoe.data.dataset import ManifestDataset
+from multimoe.data.dataset import ManifestDataset, SamplingOptions
 from multimoe.data.manifest import ManifestRow, label_set, read_manifest
 from multimoe.data.processors import AudioProcessor, ImageProcessor, TextProcessor
 from multimoe.data.resumable import ResumableLoader, ResumableSampler
@@ -27,6 +27,12 @@ class MultiModalDataModule(L.LightningDataModule):
     config: the model's config (linked from ``model.config`` by the CLI): which modalities to read and how
         to process them.
     cache: keep decoded images and waveforms in memory (files are often reused across samples).
+    skip_bad_rows: leave out bad rows (found before the first step, or a file that fails to load later) and
+        count them, instead of stopping with an error that names the row.
+    modality_dropout: in training, drop each modality of a sample with this probability (never all of them).
+    drop_modalities: modalities removed from every sample of every stage, e.g. ``audio`` or ``[audio, text]``:
+        to evaluate without them; samples left with nothing are left out.
+    base_vocab: a vocabulary whose words keep their ids, new words appended (set by fine-tuning).
     """
 
     def __init__(
@@ -39,20 +45,30 @@ class MultiModalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         config: MultiMoEConfig | None = None,
         cache: bool = True,
+        skip_bad_rows: bool = False,
+        modality_dropout: float = 0.0,
+        drop_modalities: list[str] | str | None = None,
+        base_vocab: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.config = config or MultiMoEConfig()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache = cache
+        self.skip_bad_rows = skip_bad_rows
+        drop = [drop_modalities] if isinstance(drop_modalities, str) else list(drop_modalities or [])
+        self.sampling = SamplingOptions(modality_dropout, drop)
         paths = {"fit": train_manifest, "validate": val_manifest, "test": test_manifest}
         paths["predict"] = predict_manifest or test_manifest
-        self.rows: dict[str, list[ManifestRow]] = {
-            stage: read_manifest(Path(path)) for stage, path in paths.items() if path is not None
-        }
-        train = self.rows["fit"]
+        train = read_manifest(Path(train_manifest), skip_bad_rows=skip_bad_rows)
         self.labels: list[str] = label_set(train)
-        self.words = WordTokenizer.build([t for r in train for t in [r.text or "", *r.captions]])
+        self.rows: dict[str, list[ManifestRow]] = {"fit": train} | {
+            stage: read_manifest(Path(path), self.labels, skip_bad_rows)
+            for stage, path in paths.items()
+            if path is not None and stage != "fit"
+        }
+        texts = [t for r in train for t in [r.text or "", *r.captions]]
+        self.words = WordTokenizer.build(texts, base_vocab)
         self.vocab: list[str] = self.words.vocab
         self.datasets: dict[str, ManifestDataset] = {}
         self.train_loader: ResumableLoader[Batch] | None = None
@@ -73,6 +89,8 @@ class MultiModalDataModule(L.LightningDataModule):
                     audio,
                     c.caption.max_length,
                     self.cache,
+                    self.sampling if name == "fit" else self.sampling.without_dropout(),
+                    self.skip_bad_rows,
                 )
         text = TextProcessor(c.text, self.words) if "text" in c.modalities else None
         self.collate = Collator(text, self.words.pad_id)

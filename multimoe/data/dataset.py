@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from multimoe.data.manifest import ManifestRow
+from multimoe.config import ConfigError
+from multimoe.data.manifest import MODALITY_FIELDS, ManifestError, ManifestRow
 from multimoe.data.processors import AudioProcessor, ImageProcessor
 from multimoe.data.tokenizer import WordTokenizer
 
@@ -27,10 +30,44 @@ class Sample:
     references: list[str]
 
 
-class ManifestDataset(Dataset[Sample]):
+@dataclass
+class SamplingOptions:
+    """Which modalities of a sample reach the model: ``drop`` removes modalities from every sample;
+    ``modality_dropout`` removes each remaining one with that probability, but never all of a sample's."""
+
+    modality_dropout: float = 0.0
+    drop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.modality_dropout <= 1.0:
+            raise ConfigError(f"data.modality_dropout must be in [0, 1], got {self.modality_dropout}")
+        unknown = sorted(set(self.drop) - set(MODALITY_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"data.drop_modalities: unknown modality {unknown[0]!r}; allowed: {MODALITY_FIELDS}"
+            )
+
+    def without_dropout(self) -> SamplingOptions:
+        return dataclasses.replace(self, modality_dropout=0.0)
+
+    def choose(self, present: list[str]) -> list[str]:
+        """The modalities to use: a random subset of ``present`` (global torch RNG, seeded by Lightning)."""
+        if self.modality_dropout == 0.0 or len(present) < 2:
+            return present
+        kept = [
+            m
+            for m, r in zip(present, torch.rand(len(present)).tolist(), strict=True)
+            if r >= self.modality_dropout
+        ]
+        return kept or [present[int(torch.randint(len(present), ()))]]
+
+
+class ManifestDataset(Dataset[Sample | None]):
     """Rows of one manifest. ``modalities`` selects what is loaded; other fields of a row are ignored.
 
     Decoded images and waveforms are cached by path (datasets reuse files), so later epochs skip decoding.
+    A file that fails to load raises a ``ManifestError`` naming the row, or with ``skip_bad_rows`` gives
+    ``None`` (the collator leaves it out and counts it).
     """
 
     def __init__(
@@ -43,9 +80,23 @@ class ManifestDataset(Dataset[Sample]):
         audio: AudioProcessor | None,
         max_caption_length: int,
         cache: bool = True,
+        sampling: SamplingOptions | None = None,
+        skip_bad_rows: bool = False,
     ) -> None:
-        self.rows = rows
-        self.modalities = set(modalities)
+        self.sampling = sampling or SamplingOptions()
+        self.skip_bad_rows = skip_bad_rows
+        for row in rows:
+            if not any(getattr(row, m) is not None for m in modalities):
+                raise row.error("<row>", f"has none of the modalities this model reads: {sorted(modalities)}")
+        self.modalities = [m for m in MODALITY_FIELDS if m in modalities and m not in self.sampling.drop]
+        self.rows = [r for r in rows if any(getattr(r, m) is not None for m in self.modalities)]
+        if len(self.rows) < len(rows):
+            warnings.warn(
+                f"{rows[0].source}: {len(rows) - len(self.rows)} rows have only the dropped modalities "
+                f"{self.sampling.drop} and are left out",
+                stacklevel=2,
+            )
+        rows = self.rows
         self.label_index = {name: i for i, name in enumerate(labels)}
         self.words = words
         self.image = image
@@ -53,11 +104,6 @@ class ManifestDataset(Dataset[Sample]):
         self.cache: dict[Path, torch.Tensor] | None = {} if cache else None
         self.captions = [self._caption(row, max_caption_length) for row in rows]
         self.targets = [self._label(row) for row in rows]
-        for row in rows:
-            if not any(getattr(row, m) is not None for m in self.modalities):
-                raise row.error(
-                    "<row>", f"has none of the modalities this model reads: {sorted(self.modalities)}"
-                )
 
     def _label(self, row: ManifestRow) -> int:
         if row.label is None or not self.label_index:
@@ -80,18 +126,24 @@ class ManifestDataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> Sample | None:
         row = self.rows[index]
-        use = {m for m in self.modalities if getattr(row, m) is not None}
-        return Sample(
-            id=row.id,
-            text=row.text if "text" in use else None,
-            pixels=self._load(row, "image", self.image) if "image" in use else None,
-            waveform=self._load(row, "audio", self.audio) if "audio" in use else None,
-            label=self.targets[index],
-            caption_ids=self.captions[index],
-            references=row.captions,
-        )
+        use = self.sampling.choose([m for m in self.modalities if getattr(row, m) is not None])
+        try:
+            return Sample(
+                id=row.id,
+                text=row.text if "text" in use else None,
+                pixels=self._load(row, "image", self.image) if "image" in use else None,
+                waveform=self._load(row, "audio", self.audio) if "audio" in use else None,
+                label=self.targets[index],
+                caption_ids=self.captions[index],
+                references=row.captions,
+            )
+        except ManifestError as error:
+            if not self.skip_bad_rows:
+                raise
+            warnings.warn(f"skipped: {error}", stacklevel=2)
+            return None
 
     def _load(self, row: ManifestRow, field: str, processor: Any) -> torch.Tensor:
         path: Path = getattr(row, field)

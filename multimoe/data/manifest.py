@@ -1,25 +1,39 @@
-"""Manifest files: one JSON object per line, paths relative to the manifest (ARCHITECTURE.md section 5).
+"""Manifest files (ARCHITECTURE.md section 5): JSONL (one JSON object per line) or CSV with the same columns.
+Paths are relative to the manifest; every modality is optional per row.
+
+In CSV an empty cell means the field is absent and several caption references are separated by ``|``
+(``a seven|the digit seven``). Labels are class names or integers, in both formats.
 
 Every problem is reported as ``<manifest>:<line>: field '<name>': <what is wrong>``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from multimoe.data.files import header_problem
+
 FIELDS = ("id", "image", "audio", "text", "label", "caption")
 MODALITY_FIELDS = ("text", "image", "audio")
+CAPTION_SEPARATOR = "|"
 
 
 class ManifestError(ValueError):
     """A manifest row is wrong; the message names the file, the line and the field."""
 
+    line: int = 0  # the row's line, when the error is about one row
+
     @classmethod
     def at(cls, path: str | Path, line: int, field: str, message: str) -> ManifestError:
-        return cls(f"{path}:{line}: field '{field}': {message}")
+        error = cls(f"{path}:{line}: field '{field}': {message}")
+        error.line = line
+        return error
 
 
 @dataclass(frozen=True)
@@ -37,39 +51,119 @@ class ManifestRow:
         return ManifestError.at(self.source, self.line, field, message)
 
 
-def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Parse and check every row (types, files exist, ids unique); raise on the first bad one."""
+def read_manifest(
+    path: str | Path, labels: list[str] | None = None, skip_bad_rows: bool = False
+) -> list[ManifestRow]:
+    """The good rows of a manifest (``scan_manifest``). A bad row raises, naming it and counting the others,
+    unless ``skip_bad_rows``: then bad rows are left out with a warning that says how many."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    rows: list[ManifestRow] = []
-    seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = parse_row(line, path, line_no)
-            if row.id in seen:
-                raise ManifestError.at(
-                    path, line_no, "id", f"duplicate id {row.id!r} (first on line {seen[row.id]})"
-                )
-            seen[row.id] = line_no
-            rows.append(row)
+    rows, errors = scan_manifest(path, labels)
+    if errors and not skip_bad_rows:
+        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+        raise ManifestError(f"{errors[0]}{more}")
+    if errors:
+        warnings.warn(
+            f"{path}: skipped {len(errors)} bad rows of {len(rows) + len(errors)}; the first: {errors[0]}",
+            stacklevel=2,
+        )
     if not rows:
         raise ManifestError.at(path, 1, "id", "the manifest has no rows")
     return rows
 
 
-def parse_row(line: str, path: Path, line_no: int) -> ManifestRow:
+def scan_manifest(
+    path: str | Path, labels: list[str] | None = None
+) -> tuple[list[ManifestRow], list[ManifestError]]:
+    """Parse every row and check it: types, files exist and their headers read, ids unique, and, when
+    ``labels`` is given, labels in that set. Returns the good rows and one error per bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    rows: list[ManifestRow] = []
+    errors: list[ManifestError] = []
+    seen: dict[str, int] = {}
+    checked: dict[
+        tuple[str, Path], str | None
+    ] = {}  # header check of each file once (rows often share files)
+    known = set(labels) if labels else None
+    for line_no, values in _records(path):
+        try:
+            row = parse_row(values, path, line_no)
+            if row.id in seen:
+                raise row.error("id", f"duplicate id {row.id!r} (first on line {seen[row.id]})")
+            for name in ("image", "audio"):
+                file = getattr(row, name)
+                if file is not None:
+                    if (name, file) not in checked:
+                        checked[name, file] = header_problem(name, file)
+                    if checked[name, file] is not None:
+                        raise row.error(name, f"{file}: {checked[name, file]}")
+            if known is not None and row.label is not None and row.label not in known:
+                shown = ", ".join(labels[:20] if labels else [])
+                raise row.error("label", f"unknown label {row.label!r}; the model's labels are: {shown}")
+        except ManifestError as error:
+            errors.append(error)
+            continue
+        seen[row.id] = line_no
+        rows.append(row)
+    return rows, errors
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | ManifestError]]:
+    """``(line, field values)`` per row of a JSONL or CSV file, or the error that row's syntax gives."""
+    with path.open(encoding="utf-8", newline="") as f:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            unknown = sorted(set(reader.fieldnames or []) - set(FIELDS))
+            if unknown:
+                yield (
+                    1,
+                    ManifestError.at(path, 1, unknown[0], f"unknown column; allowed: {', '.join(FIELDS)}"),
+                )
+                return
+            for record in reader:
+                if None in record:
+                    yield (
+                        reader.line_num,
+                        ManifestError.at(path, reader.line_num, "<row>", "more cells than columns"),
+                    )
+                    continue
+                values = {k: v for k, v in record.items() if v not in (None, "")}
+                if "caption" in values:
+                    values["caption"] = values["caption"].split(CAPTION_SEPARATOR)
+                if values:
+                    yield reader.line_num, values
+            return
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj: Any = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield (
+                    line_no,
+                    ManifestError.at(path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"),
+                )
+                continue
+            if not isinstance(obj, dict):
+                yield (
+                    line_no,
+                    ManifestError.at(
+                        path, line_no, "<row>", f"expected a JSON object, got {type(obj).__name__}"
+                    ),
+                )
+                continue
+            yield line_no, obj
+
+
+def parse_row(obj: dict[str, Any] | ManifestError, path: Path, line_no: int) -> ManifestRow:
+    """One row's field values (parsed JSON, or CSV cells) -> a checked ``ManifestRow``."""
+    if isinstance(obj, ManifestError):
+        raise obj
+
     def fail(name: str, message: str) -> ManifestError:
         return ManifestError.at(path, line_no, name, message)
 
-    try:
-        obj: Any = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise fail("<row>", f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise fail("<row>", f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
         raise fail(unknown[0], f"unknown field; allowed: {', '.join(FIELDS)}")

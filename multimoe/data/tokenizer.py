@@ -22,9 +22,12 @@ class WordTokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(len(SPECIALS))
 
     @classmethod
-    def build(cls, texts: Iterable[str]) -> WordTokenizer:
-        words = {word for text in texts for word in cls.split(text)} - set(SPECIALS)
-        return cls([*SPECIALS, *sorted(words)])
+    def build(cls, texts: Iterable[str], base: list[str] | None = None) -> WordTokenizer:
+        """The sorted words of ``texts``; with a ``base`` vocabulary, its words keep their ids and only the
+        new words are appended (fine-tuning)."""
+        vocab = list(base or SPECIALS)
+        words = {word for text in texts for word in cls.split(text)} - set(vocab)
+        return cls([*vocab, *sorted(words)])
 
     @staticmethod
     def split(text: str) -> list[str]:
