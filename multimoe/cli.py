@@ -95,10 +95,11 @@ class MultiMoECLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         config = self.config_init[self.subcommand]
-        default = (
-            f"{checkpoint}.metrics.json" if checkpoint else f"{self.trainer.log_dir or '.'}/metrics.json"
+        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(
+            config.get("metrics_file")
+            or (f"{checkpoint}.metrics.json" if checkpoint else f"{folder}/metrics.json")
         )
-        path = Path(config.get("metrics_file") or default)
         report = dict(self.model.test_report)
         if config.get("meteor") and (meteor := meteor_score(*self.model.test_captions)) is not None:
             report["captions"] = report.get("captions", {}) | {"meteor": meteor}

@@ -280,7 +280,7 @@ class MultiMoEModule(L.LightningModule):
             preds, refs = [p for part in parts for p in part[0]], [r for part in parts for r in part[1]]
         scores = caption_metrics(preds, refs)
         for name, value in scores.items():
-            self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=True)
+            self.log(f"{stage}/{name}", value)  # the same on every process: computed from all captions
         return scores
 
     def _log_routing(self, stage: str) -> None:

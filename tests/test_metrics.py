@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 
@@ -78,13 +79,22 @@ def test_caption_metrics_are_perfect_on_the_references_and_tokenize_like_coco() 
     assert caption_metrics(["a b"], [[]]) == {}  # no references: nothing to score
 
 
-@pytest.mark.slow  # starts a JVM; the scores it relies on are pycocoevalcap's own
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR runs on Java")
+@pytest.mark.skipif(
+    not os.environ.get("MULTIMOE_TEST_METEOR"), reason="starts a JVM (20-70 s): MULTIMOE_TEST_METEOR=1"
+)
 def test_meteor_where_java_is_available() -> None:
     pytest.importorskip("pycocoevalcap")
     same = meteor_score(["a handwritten seven"], [["a handwritten seven"]])
     other = meteor_score(["the spoken two"], [["a handwritten seven"]])
     assert same is not None and other is not None and same > 0.9 > 0.2 > other
+
+
+def test_meteor_is_left_out_without_java(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert meteor_score(["a b"], [["a b"]]) is None
+    assert "meteor" not in caption_metrics(["a b"], [["a b"]], meteor=True)
 
 
 def test_classification_report_equals_torchmetrics() -> None:

@@ -66,6 +66,8 @@ def beam_search(
     ``num_beams`` finished ones and its best live one, scored at its current length, is worse than all of them
     (exact for ``length_penalty=0``, where one beam is greedy decoding)."""
     k = config.num_beams
+    if max_new == 0:
+        return torch.empty(batch, 0, dtype=torch.long, device=device)
     step.reorder(torch.arange(batch, device=device).repeat_interleave(k))
     ids = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
     scores = torch.full((batch, k), float("-inf"), device=device)
