@@ -5,9 +5,10 @@
     python benchmarks/moe_layer.py --device cuda --dtype bf16       # GPU targets
 
 All contenders run in one process on the same input, the same output gradient and the same weights (HF's
-block gets a copy of ours, so both route identically). Rounds go round-robin over the contenders after
-warm-up rounds; each time is one forward + backward (input and weight gradients, our aux losses included),
-and the JSON reports medians in ms and the ratios ours / dense and ours / HF per backend.
+block gets a copy of ours, so both route identically). Rounds go round-robin over the contenders after a
+warm-up round; each time is one forward + backward (input and weight gradients, our aux losses included)
+right after an untimed one of the same contender, and the JSON reports medians in ms and the ratios
+ours / dense and ours / HF per experts backend.
 """
 
 from __future__ import annotations
@@ -100,10 +101,13 @@ def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str)
 
 
 def time_round_robin(steps: dict[str, Step], warmup: int, repeats: int, device: str) -> dict[str, float]:
-    """Median ms per contender; every round runs each contender once, in turn."""
+    """Median ms per contender. Every round runs each contender in turn, twice: the first, untimed run puts
+    the allocator back in that contender's own steady state (as in a training loop) instead of the state the
+    previous contender left behind, which otherwise shifts times by 10 % and more."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
+            step()
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--dispatch", default="auto", choices=["auto", "sorted", "grouped_mm"])
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args(argv)

@@ -38,9 +38,8 @@ def run_experts(x: torch.Tensor, routing: Routing, experts: Experts, dispatch: D
     use_grouped_mm = dispatch == "grouped_mm" or (dispatch == "auto" and x.is_cuda)
     # inductor lowers _grouped_mm for bf16 only: anything else compiles through the fused kernel.
     if not use_grouped_mm or (torch.compiler.is_compiling() and dtype != torch.bfloat16):
-        return expert_ffn(h, w_in, w_down, token, routing.weight[perm], counts, experts.activation).to(
-            x.dtype
-        )
+        y = expert_ffn(h, w_in, w_down, token, routing.weight[perm], counts, experts.activation)
+        return y.to(x.dtype)
     tail = routing.kept is not None
     if routing.top_k is None:  # expert choice: a token may sit in any number of rows
         rows = h.index_select(0, token)
@@ -52,7 +51,7 @@ def run_experts(x: torch.Tensor, routing: Routing, experts: Experts, dispatch: D
     )
     if routing.top_k is None:
         gated = out * routing.weight[perm, None].to(out.dtype)
-        return torch.zeros_like(out[: x.shape[0]]).index_add_(0, token, gated).to(x.dtype)
+        return out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, token, gated).to(x.dtype)
     return _WeightedSum.apply(out, routing.weight.view(-1, routing.top_k), inverse, perm).to(x.dtype)
 
 

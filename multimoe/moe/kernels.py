@@ -13,12 +13,15 @@ sync): the building block of the ``grouped_mm`` dispatch, fast on CUDA in bf16.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-BLOCK_ROWS = 2048  # rows per matrix product: big enough for BLAS, small enough to keep temporaries cached
+# Largest temporary per block of rows. Big blocks make efficient matrix products; temporaries under glibc's
+# 32 MiB mmap ceiling are recycled by malloc instead of being page-faulted in afresh at every call.
+BLOCK_BYTES = 24 << 20
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -52,12 +55,16 @@ def _activate_with_grad(
     return F.gelu(h), lambda grad: torch.ops.aten.gelu_backward(grad, h)
 
 
-def _blocks(counts: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(expert, start, end)`` row blocks of at most ``BLOCK_ROWS`` rows, experts in order."""
+def _blocks(counts: torch.Tensor, width: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` row blocks, experts in order: each expert's rows in equal blocks, with the
+    ``(rows, width.shape[1])`` temporaries under ``BLOCK_BYTES`` (2,100 rows at most 2,048 per block make two
+    blocks of 1,050, not 2,048 and a slow 52)."""
+    max_rows = max(1, BLOCK_BYTES // (width.shape[1] * width.element_size()))
     blocks, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        for s in range(start, start + n, BLOCK_ROWS):
-            blocks.append((e, s, min(s + BLOCK_ROWS, start + n)))
+        pieces = max(1, -(-n // max_rows))
+        bounds = [start + n * i // pieces for i in range(pieces + 1)]
+        blocks += [(e, a, b) for a, b in pairwise(bounds) if b > a]
         start += n
     return blocks
 
@@ -80,7 +87,7 @@ def _expert_ffn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.zeros_like(x)
     h = x.new_empty(token.shape[0], w_in.shape[1])  # first projection of every row, kept for backward
-    for e, s, t in _blocks(counts):
+    for e, s, t in _blocks(counts, w_in):
         rows = token[s:t]
         torch.mm(x.index_select(0, rows), w_in[e].t(), out=h[s:t])
         gated = activate(h[s:t], activation).mul_(weight[s:t, None])  # (n, d_ff)
@@ -111,7 +118,7 @@ def _expert_ffn_backward(
     for e in torch.nonzero(counts == 0).flatten().tolist():  # experts without rows
         grad_in[e], grad_down[e] = 0.0, 0.0
     first = -1
-    for e, s, t in _blocks(counts):
+    for e, s, t in _blocks(counts, w_in):
         rows, w = token[s:t], weight[s:t, None]
         g = grad_y.index_select(0, rows)  # (n, d)
         grad_a = g @ w_down[e]  # (n, d_ff), before the gate
@@ -135,11 +142,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.save_for_backward(x, w_in, w_down, token, weight, counts, output[1])
     ctx.activation = activation
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the (S, width) output h
 
 
 def _backward(
-    ctx: Any, grad_y: torch.Tensor, _grad_h: torch.Tensor | None
+    ctx: Any, grad_y: torch.Tensor | None, _grad_h: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
+    if grad_y is None:
+        return (None,) * 7
     x, w_in, w_down, token, weight, counts, h = ctx.saved_tensors
     grads = _expert_ffn_backward(grad_y, x, w_in, w_down, token, weight, counts, h, ctx.activation)
     grad_x, grad_in, grad_down, grad_weight = grads

@@ -21,9 +21,7 @@ class RouterStats:
 
     load_balance_loss: torch.Tensor  # scalar per-modality Switch loss (fp32); 0 for expert choice (balanced)
     z_loss: torch.Tensor  # scalar router z-loss (fp32)
-    tokens_per_expert: (
-        torch.Tensor
-    )  # (num_modalities, E) (token, expert) pairs the router chose (pre-capacity)
+    tokens_per_expert: torch.Tensor  # (num_modalities, E) pairs the router chose, before capacity
     dropped_fraction: torch.Tensor  # scalar: share of chosen pairs over capacity (expert choice: of tokens
     # that no expert took); those tokens pass through the residual
     entropy: torch.Tensor  # scalar mean routing entropy (nats)
