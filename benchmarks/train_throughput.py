@@ -9,9 +9,11 @@ The dense model sets ``moe.every: 0``: every block then has the dense FFN of ``d
 token uses in a MoE block (top-2 of SwiGLU experts with ``expert_d_ff = 256``), so both models do the same
 FFN work per token and differ by routing, dispatch and the idle experts' memory. A step is forward, the
 losses (task + MoE auxiliary), backward and an AdamW step, on batches collated once up front (no data
-loading in the timing). Each variant runs in its own process, so that peak memory is its own: the CPU figure
-is the growth of the process's peak RSS during the steps, the CUDA one ``torch.cuda.max_memory_allocated``.
-Tokens are the real (unpadded) trunk tokens. Prints one JSON document.
+loading in the timing). Timing runs all variants in one process, round-robin (one step of each per round,
+after warm-up), and reports median step times: a shared machine's changing load then hits all alike.
+Peak memory comes from a fresh process per variant (warm-up + one step): on CPU the growth of the peak RSS
+from before the first step (for the compiled variants it includes the compiler's own memory), on CUDA
+``torch.cuda.max_memory_allocated``. Tokens are the real (unpadded) trunk tokens. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +42,13 @@ VARIANTS = {
 }
 
 
-def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Runs in a child process: warm-up steps (compilation included), then timed steps."""
+def build(variant: str, args: argparse.Namespace) -> Callable[[int], int]:
+    """The model of ``variant`` with its optimizer and batches: ``step(i)`` trains on batch ``i`` (cycled) and
+    returns its number of trunk tokens."""
     from multimoe.config import MultiMoEConfig
     from multimoe.data.datamodule import MultiModalDataModule
     from multimoe.lit_module import MultiMoEModule
 
-    torch.set_num_threads(args.threads)
     values = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["model"]["config"]
     for part, changes in VARIANTS[variant].items():
         values[part] |= changes
@@ -53,11 +56,10 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     data = MultiModalDataModule(args.manifest, config=config, batch_size=args.batch_size)
     data.setup()
     loader = iter(data.train_dataloader())
-    batches = [next(loader) for _ in range(args.batches)]
     device = torch.device(args.device)
     torch.manual_seed(0)
     module = MultiMoEModule(config, data.labels, data.vocab).to(device).train()
-    batches = [module.transfer_batch_to_device(b, device, 0) for b in batches]
+    batches = [module.transfer_batch_to_device(next(loader), device, 0) for _ in range(args.batches)]
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -69,34 +71,58 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return int(out.trunk.mask.sum())
 
-    for i in range(args.warmup):
-        step(i)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    if device.type == "cuda":
+    step.trunk_params = sum(p.numel() for p in module.model.trunk.parameters())  # type: ignore[attr-defined]
+    return step
+
+
+def peak_memory(variant: str, args: argparse.Namespace) -> float:
+    """MB over warm-up + one step, in a fresh process (see the module docstring)."""
+    step = build(variant, args)
+    if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds, tokens = [], []
+    rss_before = _rss_mb()  # model, optimizer and batches in memory, no step taken yet
+    for i in range(args.warmup + 1):
+        step(i)
+    if args.device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(_rss_mb() - rss_before, 1)
+
+
+def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """All variants in this process; after their warm-up, rounds run one step of each variant in turn, so a
+    change in the machine's load hits all of them alike."""
+    steps = {variant: build(variant, args) for variant in args.variants}
+    for step in steps.values():
+        for i in range(args.warmup):
+            step(i)
+    seconds: dict[str, list[float]] = {v: [] for v in steps}
+    tokens: dict[str, list[int]] = {v: [] for v in steps}
     for i in range(args.steps):
-        start = time.perf_counter()
-        tokens.append(step(i))
-        sync()
-        seconds.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    params = sum(p.numel() for p in module.model.trunk.parameters())
-    return {
-        "variant": variant,
-        "tokens_per_s": round(sum(tokens) / sum(seconds), 1),
-        "samples_per_s": round(args.steps * args.batch_size / sum(seconds), 1),
-        "median_step_ms": round(statistics.median(seconds) * 1e3, 1),
-        "peak_memory_mb": round(peak_mb, 1),
-        "trunk_params": params,
-    }
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            tokens[variant].append(step(args.warmup + i))
+            seconds[variant].append(time.perf_counter() - start)
+    rows = []
+    for variant, step in steps.items():
+        median = statistics.median(seconds[variant])
+        rows.append(
+            {
+                "variant": variant,
+                "tokens_per_s": round(statistics.mean(tokens[variant]) / median, 1),
+                "samples_per_s": round(args.batch_size / median, 2),
+                "median_step_ms": round(median * 1e3, 1),
+                "trunk_params": step.trunk_params,  # type: ignore[attr-defined]
+            }
+        )
+    return rows
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -114,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(measure(args.child, args)))
+        print(json.dumps(peak_memory(args.child, args)))
         return {}
     argv = sys.argv[1:] if argv is None else argv
     report: dict[str, Any] = {
@@ -127,16 +154,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "warmup": args.warmup,
         "steps": args.steps,
-        "results": [],
     }
+    memory = {}
     for variant in args.variants:
         child = [sys.executable, __file__, *argv, "--child", variant]
         done = subprocess.run(child, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps(row), file=sys.stderr, flush=True)  # progress
-        report["results"].append(row)
+        memory[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps({variant: memory[variant]}), file=sys.stderr, flush=True)  # progress
+    key = "peak_allocated_mb" if args.device == "cuda" else "peak_rss_growth_mb"
+    report["results"] = [row | {key: memory[row["variant"]]} for row in throughput(args)]
     print(json.dumps(report, indent=2))
     return report
 
