@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from build_util import SPLITS, build_atomically, run_main, write_manifest
+
 FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
 MODALITIES = ("image", "audio", "text")  # fixed order, also in captions
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 BUILD_ENTRIES = {f"{split}.jsonl" for split in SPLITS} | {"images", "audio", "build.json"}
@@ -270,14 +268,8 @@ def draw_samples(
     return records
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def build(config: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """Write the whole dataset into the empty folder `tmp`; return the build.json contents."""
+    """Write the whole dataset into the empty folder `tmp`; return what build.json adds to the config."""
     from sklearn.datasets import load_digits
 
     seed, utts = config["seed"], dict(zip(SPLITS, config["utterances_per_digit"], strict=True))
@@ -302,34 +294,14 @@ def build(config: dict[str, Any], tmp: Path) -> dict[str, Any]:
         records = draw_samples(
             split, config[split], pools[split], labels, utts[split], np.random.default_rng([seed, 2, i])
         )
-        with open(tmp / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        write_manifest(tmp / f"{split}.jsonl", records)
         counts[split] = {
             "samples": len(records),
             "images": len(pools[split]),
             "utterances": 10 * utts[split],
             "missing_one_modality": sum(not set(MODALITIES) <= r.keys() for r in records),
         }
-    return {"config": config, "counts": counts, "sample_rate": sample_rate, "espeak_ng": espeak_version}
-
-
-def is_up_to_date(out: Path, config: dict[str, Any]) -> bool:
-    try:
-        return bool(json.loads((out / "build.json").read_text())["config"] == config)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def remove_stale_tmp(out: Path) -> None:
-    """Delete temporary build folders left by builds of `out` that were killed hard (SIGKILL, power loss)."""
-    for path in out.parent.glob(f"{out.name}.tmp-*-*"):
-        pid = path.name.removeprefix(f"{out.name}.tmp-").split("-")[0]
-        try:
-            os.kill(int(pid), 0)  # signal 0: only checks that the process exists
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
+    return {"counts": counts, "sample_rate": sample_rate, "espeak_ng": espeak_version}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -366,32 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         "test": args.test,
         "utterances_per_digit": list(args.utterances_per_digit),
     }
-    if not args.force and is_up_to_date(out, config):
+    start = time.perf_counter()
+    meta = build_atomically(out, config, lambda tmp: build(config, tmp), BUILD_ENTRIES, args.force)
+    if meta is None:
         print(f"{out} is up to date (remove it or pass --force to rebuild)")
         return 0
-    if out.exists() and not (out.is_dir() and set(os.listdir(out)) <= BUILD_ENTRIES):
-        print(
-            f"refusing to replace {out}: it holds files that are not part of an MM-Digits build",
-            file=sys.stderr,
-        )
-        return 1
-
-    start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset folder should not be
-    old = tmp.with_name(tmp.name + "-old")
-    try:
-        meta = build(config, tmp)
-        write_json_atomic(tmp / "build.json", meta)  # last file: marks the build complete
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-
     for split, c in meta["counts"].items():
         print(
             f"{split:>5}: {c['samples']:6d} samples ({c['missing_one_modality']} missing one modality), "
@@ -402,5 +353,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run main()'s cleanup when killed politely
-    sys.exit(main())
+    run_main(main)
