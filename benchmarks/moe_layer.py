@@ -1,6 +1,10 @@
 """Forward + backward time of the MoE layer, against a dense SwiGLU FFN with the same active FLOPs
 (``d_ff * top_k`` wide) and against HF transformers' ``MixtralSparseMoeBlock`` with each experts backend.
 
+``dense`` is this project's FFN (``multimoe.trunk.MLP``), whose products go through the same
+``multimoe.moe.kernels.linear`` as the experts' (oneDNN on CPU): the ratio to it is the cost of routing.
+``dense_torch`` is the same FFN on ``nn.Linear`` (MKL's sgemm on CPU), what plain PyTorch runs.
+
     python benchmarks/moe_layer.py                                  # CPU, 2 threads, fp32 (README table)
     python benchmarks/moe_layer.py --device cuda --dtype bf16       # GPU targets
 
@@ -9,11 +13,18 @@ block gets a copy of ours, so both route identically). Rounds go round-robin ove
 warm-up round; each time is one forward + backward (input and weight gradients, our aux losses included)
 right after an untimed one of the same contender, and the JSON reports medians in ms and the ratios
 ours / dense and ours / HF per experts backend.
+
+On glibc, ``--malloc pinned`` (the default) first fixes malloc's mmap and trim thresholds at 1 GiB: freed
+blocks are then reused instead of glibc's adaptive threshold deciding, by what ran before, whether a
+tensor of 16-128 MiB comes back as fresh pages that fault in at first touch. Left adaptive
+(``--malloc default``), the same code moved between 0.87x and 1.37x dense from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import platform
 import statistics
@@ -23,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -41,8 +53,29 @@ SHAPES = {
 # Ratio of our layer to the dense FFN that counts as "near dense speed", per device and shape kind.
 TARGET_TO_DENSE = {"cpu": {"coarse": 1.10, "fine": 1.10}, "cuda": {"coarse": 1.15, "fine": 1.5}}
 HF_BACKENDS = ("eager", "grouped_mm")
+PINNED_BYTES = 1 << 30
 
 Step = Callable[[], None]
+
+
+class TorchMLP(MLP):
+    """``MLP`` on ``nn.Linear``: the dense FFN as plain PyTorch runs it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def pin_malloc() -> str:
+    """Fix glibc's mmap and trim thresholds (``mallopt``); returns what was done."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return "unchanged (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, PINNED_BYTES) and libc.mallopt(m_trim_threshold, PINNED_BYTES)):
+        return "unchanged (mallopt refused)"
+    return f"glibc mmap and trim thresholds pinned at {PINNED_BYTES >> 20} MiB"
 
 
 def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str) -> dict[str, Step]:
@@ -51,7 +84,8 @@ def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str)
     torch.manual_seed(0)
     allowed = modality_expert_mask([0], 1, 0, e)  # one modality, every expert allowed: plain Mixtral routing
     ours = MoELayer(Router(d, allowed, k), Experts(e, d, d_ff), dispatch=dispatch)  # type: ignore[arg-type]
-    dense = MLP(d, d_ff * k)
+    dense, dense_torch = MLP(d, d_ff * k), TorchMLP(d, d_ff * k)
+    dense_torch.load_state_dict(dense.state_dict())
     ids = torch.zeros(t, dtype=torch.long, device=device)
     x = torch.randn(t, d, device=device, dtype=dtype)
     grad = torch.randn(t, d, device=device, dtype=dtype)
@@ -67,8 +101,12 @@ def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str)
 
         return step
 
-    steps: dict[str, Step] = {"dense": plain_step(dense, (t, d)), "ours": ours_step}
-    modules: list[torch.nn.Module] = [ours, dense]
+    steps: dict[str, Step] = {
+        "dense": plain_step(dense, (t, d)),
+        "dense_torch": plain_step(dense_torch, (t, d)),
+        "ours": ours_step,
+    }
+    modules: list[torch.nn.Module] = [ours, dense, dense_torch]
     for backend in HF_BACKENDS:
         config = MixtralConfig(
             hidden_size=d,
@@ -130,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--malloc", default="pinned", choices=["pinned", "default"])
     args = parser.parse_args(argv)
+    malloc = pin_malloc() if args.malloc == "pinned" else "glibc default (adaptive thresholds)"
     dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.set_num_threads(args.threads)
@@ -140,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "dtype": dtype_name,
         "dispatch": args.dispatch,
+        "malloc": malloc,
+        "onednn": torch.backends.mkldnn.is_available(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "warmup": args.warmup,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from multimoe.moe.kernels import linear
 from multimoe.moe.layer import MoELayer, RouterStats
 
 
@@ -54,8 +55,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate, up = linear(x, self.gate_up.weight).chunk(2, dim=-1)  # the experts' matrix products
+        return linear(F.silu(gate) * up, self.down.weight)
 
 
 class Block(nn.Module):

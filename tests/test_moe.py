@@ -167,7 +167,7 @@ def test_expert_choice_fills_each_expert_up_to_capacity_with_its_best_tokens() -
 
 def assert_matches_reference(layer: MoELayer, dispatch: str) -> None:
     """Same outputs, drop counts and gradients (input and every parameter) as the reference loop."""
-    x = torch.randn(97, 16)
+    x = torch.randn(97, layer.router.proj.in_features)
     ids = torch.randint(0, 3, (97,))
     results = []
     for mode in ("reference", dispatch):
@@ -220,6 +220,32 @@ def test_fused_kernel_splits_big_experts_into_row_blocks(kind: str, monkeypatch:
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 1000)  # 5 rows of 48 floats: every expert in several blocks
     layer = make_layer(seed=3, kind=kind, capacity_factor=1.0 if kind == "expert_choice" else 0.0)
     assert_matches_reference(layer, "sorted")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_fused_kernel_gates_the_narrower_side(activation: str) -> None:
+    """The gate scales the (n, d) output where d_ff > d (the other tests) and the (n, d_ff) activation where
+    d_ff <= d (here: d 32, d_ff 24)."""
+    assert_matches_reference(make_layer(seed=4, d=32, activation=activation), "sorted")
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("rows", [(7,), (3, 5), (0,)])
+def test_linear_equals_f_linear_forward_and_backward(onednn: bool, rows: tuple[int, ...]) -> None:
+    """``kernels.linear`` (oneDNN on CPU, or F.linear with oneDNN switched off) on contiguous, transposed
+    and empty inputs."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, requires_grad=True)
+    for x in (torch.randn(*rows, 5), torch.randn(5, *rows).movedim(0, -1)):  # the second is not contiguous
+        x.requires_grad_(True)
+        grad = torch.randn(*rows, 6)
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            out = kernels.linear(x, w)
+            (gx, gw) = torch.autograd.grad(out, (x, w), grad)
+        expected = torch.nn.functional.linear(x, w)
+        ex, ew = torch.autograd.grad(expected, (x, w), grad)
+        for got, want in ((out, expected), (gx, ex), (gw, ew)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_experts_with_no_tokens_are_fine() -> None:

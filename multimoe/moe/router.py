@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from multimoe.config import RouterKind
+from multimoe.moe.kernels import linear
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(h, self.proj.weight.float())  # (T, E)
+            logits = linear(h, self.proj.weight.float())  # (T, E)
         allowed = self.allowed[modality_ids]  # (T, E)
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = logits.softmax(dim=-1)
