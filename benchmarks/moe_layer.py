@@ -1,12 +1,14 @@
 """Forward + backward time of the MoE layer, against a dense SwiGLU FFN with the same active FLOPs
 (``d_ff * top_k`` wide) and against HF transformers' ``MixtralSparseMoeBlock`` with each experts backend.
 
-``dense`` is this project's FFN (``multimoe.trunk.MLP``), whose products go through the same
-``multimoe.moe.kernels.linear`` as the experts' (oneDNN on CPU): the ratio to it is the cost of routing.
-``dense_torch`` is the same FFN on ``nn.Linear`` (MKL's sgemm on CPU), what plain PyTorch runs.
+``dense`` is this project's FFN (``multimoe.trunk.MLP``), whose products run on the same library as the
+experts' (``multimoe.moe.kernels.CPU_MATMUL`` on CPU): the ratio to it is the cost of routing.
+``dense_torch`` is the same FFN on ``nn.Linear`` (MKL's sgemm on x86 CPUs), what plain PyTorch runs; where
+``CPU_MATMUL`` is ``torch`` (Intel CPUs) the two are the same computation.
 
     python benchmarks/moe_layer.py                                  # CPU, 2 threads, fp32 (README table)
     python benchmarks/moe_layer.py --device cuda --dtype bf16       # GPU targets
+    python benchmarks/moe_layer.py --cpu-matmul onednn              # the other CPU matmul library
 
 All contenders run in one process on the same input, the same output gradient and the same weights (HF's
 block gets a copy of ours, so both route identically). Rounds go round-robin over the contenders after a
@@ -39,6 +41,7 @@ import transformers
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from multimoe.moe import kernels
 from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer, modality_expert_mask
 from multimoe.moe.router import Router
@@ -76,6 +79,16 @@ def pin_malloc() -> str:
     if not (libc.mallopt(m_mmap_threshold, PINNED_BYTES) and libc.mallopt(m_trim_threshold, PINNED_BYTES)):
         return "unchanged (mallopt refused)"
     return f"glibc mmap and trim thresholds pinned at {PINNED_BYTES >> 20} MiB"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "cpu"
 
 
 def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str) -> dict[str, Step]:
@@ -169,14 +182,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--malloc", default="pinned", choices=["pinned", "default"])
+    parser.add_argument(
+        "--cpu-matmul", choices=["torch", "onednn"], help=f"default: {kernels.CPU_MATMUL} on this CPU"
+    )
     args = parser.parse_args(argv)
+    if args.cpu_matmul:
+        kernels.CPU_MATMUL = args.cpu_matmul
     malloc = pin_malloc() if args.malloc == "pinned" else "glibc default (adaptive thresholds)"
     dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/moe_layer.py", *(sys.argv[1:] if argv is None else argv)]),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
+        "cpu_matmul": kernels.CPU_MATMUL,
         "threads": torch.get_num_threads(),
         "dtype": dtype_name,
         "dispatch": args.dispatch,

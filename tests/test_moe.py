@@ -215,31 +215,46 @@ def test_fast_dispatch_equals_reference_forward_and_backward(
     assert_matches_reference(layer, dispatch)
 
 
+MATMULS = ["torch", "onednn"]  # kernels.CPU_MATMUL: each is the default on some CPUs
+
+
+@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize("kind", ["mixtral", "expert_choice"])
-def test_fused_kernel_splits_big_experts_into_row_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_kernel_splits_big_experts_into_row_blocks(
+    kind: str, matmul: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several blocks per expert: the first writes the expert's weight gradients, the others add to them."""
+    monkeypatch.setattr(kernels, "CPU_MATMUL", matmul)
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 1000)  # 5 rows of 48 floats: every expert in several blocks
     layer = make_layer(seed=3, kind=kind, capacity_factor=1.0 if kind == "expert_choice" else 0.0)
     assert_matches_reference(layer, "sorted")
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "relu"])
-def test_fused_kernel_gates_the_narrower_side(activation: str) -> None:
+@pytest.mark.parametrize("matmul", MATMULS)
+@pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
+def test_fused_kernel_gates_the_narrower_side(
+    activation: str, matmul: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The gate scales the (n, d) output where d_ff > d (the other tests) and the (n, d_ff) activation where
     d_ff <= d (here: d 32, d_ff 24)."""
+    monkeypatch.setattr(kernels, "CPU_MATMUL", matmul)
     assert_matches_reference(make_layer(seed=4, d=32, activation=activation), "sorted")
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("matmul", [*MATMULS, "onednn switched off"])
 @pytest.mark.parametrize("rows", [(7,), (3, 5), (0,)])
-def test_linear_equals_f_linear_forward_and_backward(onednn: bool, rows: tuple[int, ...]) -> None:
-    """``kernels.linear`` (oneDNN on CPU, or F.linear with oneDNN switched off) on contiguous, transposed
-    and empty inputs."""
+def test_linear_equals_f_linear_forward_and_backward(
+    matmul: str, rows: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kernels.linear`` on each CPU backend (oneDNN switched off: F.linear) on contiguous, transposed and
+    empty inputs."""
+    monkeypatch.setattr(kernels, "CPU_MATMUL", matmul.split()[0])
     torch.manual_seed(0)
     w = torch.randn(6, 5, requires_grad=True)
     for x in (torch.randn(*rows, 5), torch.randn(5, *rows).movedim(0, -1)):  # the second is not contiguous
         x.requires_grad_(True)
         grad = torch.randn(*rows, 6)
-        with torch.backends.mkldnn.flags(enabled=onednn):
+        with torch.backends.mkldnn.flags(enabled=matmul != "onednn switched off"):
             out = kernels.linear(x, w)
             (gx, gw) = torch.autograd.grad(out, (x, w), grad)
         expected = torch.nn.functional.linear(x, w)

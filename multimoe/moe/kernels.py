@@ -1,8 +1,9 @@
 """Expert kernels on (token, expert) pairs sorted by expert: each expert runs on one contiguous block of rows.
 
-``mm_t`` / ``linear``: the matrix products of the FFNs, dense and routed. On CPU in fp32 they call oneDNN's
-matmul, which on this project's AMD CPU runs at 2.0-2.3x the MKL sgemm behind ``torch.mm`` (MKL takes its
-AVX2 path on AMD), on any strides; elsewhere they are ``torch.mm`` / ``F.linear``.
+``mm_t`` / ``linear``: the matrix products of the FFNs, dense and routed. On CPU in fp32 they run on
+``CPU_MATMUL``: oneDNN's matmul on AMD CPUs, where MKL's sgemm behind ``torch.mm`` takes its AVX2 code and
+oneDNN measured 2.0-2.3x faster (AVX-512 EPYC); ``torch.mm`` elsewhere (on an AVX-512 Intel Xeon, MKL was as
+fast or faster, and oneDNN's weight-gradient products half as fast). On CUDA they are ``torch.mm``.
 
 ``expert_ffn``: one fused operator for the whole routed FFN (gather, both projections, activation, gate,
 scatter-add), forward and backward written out, looping over experts and blocks of rows. Its only
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,25 @@ import torch.nn.functional as F
 BLOCK_BYTES = 24 << 20
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# What runs the fp32 CPU products: "torch" (torch.mm: MKL's sgemm on x86) or "onednn" (torch.ops.mkldnn).
+# oneDNN on AMD and Hygon CPUs, where MKL takes its AVX2 code; settable, as the tests and benchmarks do.
+CPU_MATMUL: Literal["torch", "onednn"] = (
+    "onednn" if _cpu_vendor() in ("AuthenticAMD", "HygonGenuine") else "torch"
+)
+
+
 def _onednn(a: torch.Tensor) -> bool:
     return (
-        a.device.type == "cpu"
+        CPU_MATMUL == "onednn"
+        and a.device.type == "cpu"
         and a.dtype == torch.float32
         and a.shape[-1] > 0  # oneDNN refuses an empty inner dimension
         and torch.backends.mkldnn.is_available()
@@ -38,11 +55,18 @@ def _onednn(a: torch.Tensor) -> bool:
     )
 
 
-def mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a (m, k) @ b (n, k).T -> (m, n)``, any strides."""
+def mm_t(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, add: bool = False
+) -> torch.Tensor:
+    """``a (m, k) @ b (n, k).T -> (m, n)``, any strides; written into ``out`` (or added to it) when given."""
     if _onednn(a):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return a @ b.t()
+        product = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        if out is None:
+            return product
+        return out.add_(product) if add else out.copy_(product)
+    if out is None:
+        return a @ b.t()
+    return out.addmm_(a, b.t()) if add else torch.mm(a, b.t(), out=out)
 
 
 @torch.library.custom_op("multimoe::linear", mutates_args=())
@@ -90,14 +114,21 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.relu(h) if activation == "relu" else F.gelu(h)
 
 
-def _activate_with_grad(
-    h: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``activate(h)``, and the map from its output gradient to the gradient of ``h`` (which may overwrite
-    its argument), reusing what the activation computed."""
+def _activate_kept(h: torch.Tensor, activation: str, silu: torch.Tensor) -> torch.Tensor:
+    """``activate(h)`` that also writes ``silu(gate)`` into ``silu`` (swiglu), for the backward pass."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        silu = F.silu(gate)
+        return torch.ops.aten.silu.out(gate, out=silu).mul(up)
+    return activate(h, activation)
+
+
+def _activate_with_grad(
+    h: torch.Tensor, activation: str, silu: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``activate(h)`` again, from the ``silu(gate)`` the forward kept (swiglu), and the map from its output
+    gradient to the gradient of ``h`` (which may overwrite its argument)."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
 
         def swiglu_grad(grad: torch.Tensor) -> torch.Tensor:
             grad_h = torch.empty_like(h)
@@ -136,26 +167,32 @@ def _expert_ffn(
     weight: torch.Tensor,
     counts: torch.Tensor,
     activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y = torch.zeros_like(x)
-    # Kept for backward: every row's input (gathered once) and first projection.
-    rows_in = x.new_empty(token.shape[0], x.shape[1])
-    h = x.new_empty(token.shape[0], w_in.shape[1])
+    # Kept for backward: every row's input (gathered once), first projection and silu(gate) (swiglu).
+    rows_in, h, silu = _kept_buffers(x, w_in, token, activation)
     gate_output = w_down.shape[2] > x.shape[1]  # apply the gate on the narrower of (n, d_ff) and (n, d)
     for e, s, t in _blocks(counts, w_in):
         rows, w = token[s:t], weight[s:t, None]
         torch.index_select(x, 0, rows, out=rows_in[s:t])
-        h[s:t] = mm_t(rows_in[s:t], w_in[e])
-        a = activate(h[s:t], activation)  # (n, d_ff)
+        mm_t(rows_in[s:t], w_in[e], out=h[s:t])
+        a = _activate_kept(h[s:t], activation, silu[s:t])  # (n, d_ff)
         out = mm_t(a, w_down[e]).mul_(w) if gate_output else mm_t(a.mul_(w), w_down[e])
         y.index_add_(0, rows, out)
-    return y, rows_in, h
+    return y, rows_in, h, silu
+
+
+def _kept_buffers(
+    x: torch.Tensor, w_in: torch.Tensor, token: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, width = token.shape[0], w_in.shape[1]
+    silu = x.new_empty(rows, width // 2) if activation == "swiglu" else x.new_empty(0)
+    return x.new_empty(rows, x.shape[1]), x.new_empty(rows, width), silu
 
 
 @_expert_ffn.register_fake
 def _(x, w_in, w_down, token, weight, counts, activation):
-    rows = token.shape[0]
-    return torch.empty_like(x), x.new_empty(rows, x.shape[1]), x.new_empty(rows, w_in.shape[1])
+    return torch.empty_like(x), *_kept_buffers(x, w_in, token, activation)
 
 
 @torch.library.custom_op("multimoe::expert_ffn_backward", mutates_args=())
@@ -168,6 +205,7 @@ def _expert_ffn_backward(
     counts: torch.Tensor,
     rows_in: torch.Tensor,
     h: torch.Tensor,
+    silu: torch.Tensor,
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_x, grad_weight = torch.zeros_like(grad_y), torch.zeros_like(weight)
@@ -180,23 +218,22 @@ def _expert_ffn_backward(
         rows, w = token[s:t], weight[s:t, None]
         g = grad_y.index_select(0, rows)  # (n, d)
         grad_a = mm_t(g, w_down[e].t())  # (n, d_ff), before the gate
-        a, activation_grad = _activate_with_grad(h[s:t], activation)  # (n, d_ff), recomputed
+        a, activation_grad = _activate_with_grad(h[s:t], activation, silu[s:t])  # (n, d_ff)
         grad_weight[s:t] = torch.linalg.vecdot(a, grad_a)
-        gated_grad_down = mm_t(g.mul_(w).t(), a.t()) if gate_grad_y else mm_t(g.t(), a.mul_(w).t())
-        grad_h = activation_grad(grad_a.mul_(w))  # (n, width)
-        gated_grad_in = mm_t(grad_h.t(), rows_in[s:t].t())
-        if first != e:  # an expert's first block writes, the others add
-            grad_down[e], grad_in[e] = gated_grad_down, gated_grad_in
+        add = first == e  # an expert's first block writes its weight gradients, the others add
+        if gate_grad_y:
+            mm_t(g.mul_(w).t(), a.t(), out=grad_down[e], add=add)
         else:
-            grad_down[e] += gated_grad_down
-            grad_in[e] += gated_grad_in
+            mm_t(g.t(), a.mul_(w).t(), out=grad_down[e], add=add)
+        grad_h = activation_grad(grad_a.mul_(w))  # (n, width)
+        mm_t(grad_h.t(), rows_in[s:t].t(), out=grad_in[e], add=add)
         first = e
         grad_x.index_add_(0, rows, mm_t(grad_h, w_in[e].t()))
     return grad_x, grad_in, grad_down, grad_weight
 
 
 @_expert_ffn_backward.register_fake
-def _(grad_y, w_in, w_down, token, weight, counts, rows_in, h, activation):
+def _(grad_y, w_in, w_down, token, weight, counts, rows_in, h, silu, activation):
     return (
         torch.empty_like(grad_y),
         torch.empty_like(w_in),
@@ -207,9 +244,9 @@ def _(grad_y, w_in, w_down, token, weight, counts, rows_in, h, activation):
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     w_in, w_down, token, weight, counts, activation = inputs[1:]
-    ctx.save_for_backward(w_in, w_down, token, weight, counts, output[1], output[2])
+    ctx.save_for_backward(w_in, w_down, token, weight, counts, *output[1:])
     ctx.activation = activation
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # else autograd fills zero gradients for the kept buffers
 
 
@@ -218,9 +255,9 @@ def _backward(
 ) -> tuple[torch.Tensor | None, ...]:
     if grad_y is None:
         return (None,) * 7
-    w_in, w_down, token, weight, counts, rows_in, h = ctx.saved_tensors
+    w_in, w_down, token, weight, counts, *kept = ctx.saved_tensors
     grads = _expert_ffn_backward(
-        grad_y.contiguous(), w_in, w_down, token, weight, counts, rows_in, h, ctx.activation
+        grad_y.contiguous(), w_in, w_down, token, weight, counts, *kept, ctx.activation
     )
     grad_x, grad_in, grad_down, grad_weight = grads
     return grad_x, grad_in, grad_down, None, grad_weight, None, None
