@@ -1,10 +1,11 @@
 """Dispatch: run every routed (token, expert) pair through its expert and mix the outputs back per token.
 
 All paths sort the pairs by expert so each expert works on one contiguous block of rows.
-``reference``: a plain loop over experts, the ground truth. ``sorted``: the fused ``expert_ffn`` kernel (a
-matrix product per expert and block of rows, on oneDNN in fp32 on CPU; fastest there). ``grouped_mm``: gather
-the rows, ``torch._grouped_mm`` for both projections, then sum each token's gated rows back; for token
-choice every data movement, forward and backward, is a gather (parallel and deterministic on GPU).
+``reference``: a plain loop over experts, the ground truth. ``sorted``: the fused ``expert_ffn`` kernel
+(a matrix product per expert and block of rows, on ``kernels.CPU_MATMUL`` in fp32; fastest on CPU).
+``grouped_mm``: gather the rows, ``torch._grouped_mm`` for both projections, then sum each token's gated rows
+back; for token choice every data movement, forward and backward, is a gather (parallel and deterministic on
+GPU).
 """
 
 from __future__ import annotations
