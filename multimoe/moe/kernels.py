@@ -7,9 +7,10 @@ fast or faster, and oneDNN's weight-gradient products half as fast). On CUDA the
 
 ``expert_ffn``: one fused operator for the whole routed FFN (gather, both projections, activation, gate,
 scatter-add), forward and backward written out, looping over experts and blocks of rows. Its only
-``(pairs, ·)`` buffers are what it keeps for the backward pass: the gathered input rows and the first
-projection. A custom operator, so ``torch.compile(fullgraph=True)`` takes it as one opaque node (the row
-counts are read on the host inside it).
+``(pairs, ·)`` buffers are what it keeps for the backward pass: the gathered input rows, the first
+projection and, for swiglu, ``silu(gate)``, so that the backward's only exp is silu's own gradient (a dense
+SwiGLU FFN under autograd keeps all three and its activation too). A custom operator, so
+``torch.compile(fullgraph=True)`` takes it as one opaque node (the row counts are read on the host inside it).
 
 ``grouped_linear``: ``torch._grouped_mm`` for all experts in one call with device-side offsets (no host
 sync): the building block of the ``grouped_mm`` dispatch, fast on CUDA in bf16.
