@@ -1,14 +1,13 @@
 """Forward + backward time of the MoE layer, against a dense SwiGLU FFN with the same active FLOPs
 (``d_ff * top_k`` wide) and against HF transformers' ``MixtralSparseMoeBlock`` with each experts backend.
 
-``dense`` is this project's FFN (``multimoe.trunk.MLP``), whose products run on the same library as the
-experts' (``multimoe.moe.kernels.CPU_MATMUL`` on CPU): the ratio to it is the cost of routing.
-``dense_torch`` is the same FFN on ``nn.Linear`` (MKL's sgemm on x86 CPUs), what plain PyTorch runs; where
-``CPU_MATMUL`` is ``torch`` (Intel CPUs) the two are the same computation.
+``dense`` is this project's FFN (``multimoe.trunk.MLP``), whose products, like the experts', each run on the
+library that measured faster for them (``multimoe.moe.kernels.CPU_MATMUL``): the ratio to it is the cost of
+routing. ``dense_torch`` is the same FFN on ``nn.Linear`` (MKL's sgemm on x86 CPUs), what plain PyTorch runs.
 
     python benchmarks/moe_layer.py                                  # CPU, 2 threads, fp32 (README table)
     python benchmarks/moe_layer.py --device cuda --dtype bf16       # GPU targets
-    python benchmarks/moe_layer.py --cpu-matmul onednn              # the other CPU matmul library
+    python benchmarks/moe_layer.py --cpu-matmul onednn              # one CPU matmul library for all
 
 All contenders run in one process on the same input, the same output gradient and the same weights (HF's
 block gets a copy of ours, so both route identically). Rounds go round-robin over the contenders after a
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--malloc", default="pinned", choices=["pinned", "default"])
     parser.add_argument(
-        "--cpu-matmul", choices=["torch", "onednn"], help=f"default: {kernels.CPU_MATMUL} on this CPU"
+        "--cpu-matmul", choices=["auto", "torch", "onednn"], help="default: auto (the faster per product)"
     )
     args = parser.parse_args(argv)
     if args.cpu_matmul:
@@ -220,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["shapes"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)  # progress
         del steps
+    # (rows up to, n, k, a row-major, b row-major, into out, added) -> library, as CPU_MATMUL="auto" chose
+    report["tuned"] = {" ".join(map(str, key)): library for key, library in kernels.TUNED.items()}
     report["all_targets_met"] = all(row["meets_targets"] for row in report["shapes"])
     print(json.dumps(report, indent=2))
     return report

@@ -3,7 +3,9 @@ path against the reference loop (forward and backward)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -215,7 +217,13 @@ def test_fast_dispatch_equals_reference_forward_and_backward(
     assert_matches_reference(layer, dispatch)
 
 
-MATMULS = ["torch", "onednn"]  # kernels.CPU_MATMUL: each is the default on some CPUs
+MATMULS = ["auto", "torch", "onednn"]  # kernels.CPU_MATMUL; "auto" tunes afresh in each test
+
+
+@pytest.fixture(autouse=True)
+def fresh_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "TUNED", {})
+    monkeypatch.setattr(kernels, "_trials", {})
 
 
 @pytest.mark.parametrize("matmul", MATMULS)
@@ -261,6 +269,41 @@ def test_linear_equals_f_linear_forward_and_backward(
         ex, ew = torch.autograd.grad(expected, (x, w), grad)
         for got, want in ((out, expected), (gx, ex), (gw, ew)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_matmul_tries_both_libraries_then_keeps_one_per_kind_of_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``CPU_MATMUL = "auto"``: each kind of product (sizes rounded up to powers of two, layouts, in place or
+    added) runs its first ``TRIALS`` calls on each library in turn, correct every time, then keeps one. Under
+    deterministic algorithms nothing is tried and the products are ``torch.mm``, bit for bit."""
+    monkeypatch.setattr(kernels, "CPU_MATMUL", "auto")
+    torch.manual_seed(5)
+    a, b = torch.randn(300, 64), torch.randn(48, 64)
+    for rows in [300, 260] * kernels.TRIALS:  # 260 and 300 rows: both up to 512, one kind
+        out = torch.randn(rows, 48)
+        expected = out + a[:rows] @ b.t()
+        kernels.mm_t(a[:rows], b, out=out, add=True)
+        torch.testing.assert_close(out, expected)
+    assert len(kernels.TUNED) == 1 and set(kernels.TUNED.values()) <= {"torch", "onednn"}
+    torch.testing.assert_close(kernels.mm_t(a, b), a @ b.t())  # a fresh output: another kind, not yet kept
+    torch.testing.assert_close(kernels.mm_t(a.t().contiguous().t(), b), a @ b.t())  # a column-major: another
+    assert len(kernels.TUNED) == 1 and len(kernels._trials) == 2
+
+    monkeypatch.setattr(kernels, "_trials", {})
+    with deterministic_algorithms():
+        assert torch.equal(kernels.mm_t(a, b), torch.mm(a, b.t()))
+        assert torch.equal(kernels.linear(a, b), torch.mm(a, b.t()))
+    assert kernels._trials == {}
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_experts_with_no_tokens_are_fine() -> None:

@@ -2,7 +2,7 @@
 
 All paths sort the pairs by expert so each expert works on one contiguous block of rows.
 ``reference``: a plain loop over experts, the ground truth. ``sorted``: the fused ``expert_ffn`` kernel
-(a matrix product per expert and block of rows, on ``kernels.CPU_MATMUL`` in fp32; fastest on CPU).
+(a matrix product per expert and block of rows, each on the faster CPU library, ``kernels.CPU_MATMUL``).
 ``grouped_mm``: gather the rows, ``torch._grouped_mm`` for both projections, then sum each token's gated rows
 back; for token choice every data movement, forward and backward, is a gather (parallel and deterministic on
 GPU).

@@ -1,9 +1,11 @@
 """Expert kernels on (token, expert) pairs sorted by expert: each expert runs on one contiguous block of rows.
 
-``mm_t`` / ``linear``: the matrix products of the FFNs, dense and routed. On CPU in fp32 they run on
-``CPU_MATMUL``: oneDNN's matmul on AMD CPUs, where MKL's sgemm behind ``torch.mm`` takes its AVX2 code and
-oneDNN measured 2.0-2.3x faster (AVX-512 EPYC); ``torch.mm`` elsewhere (on an AVX-512 Intel Xeon, MKL was as
-fast or faster, and oneDNN's weight-gradient products half as fast). On CUDA they are ``torch.mm``.
+``mm_t`` / ``linear``: the matrix products of the FFNs, dense and routed. On CPU in fp32 each runs on
+``torch.mm`` (MKL's sgemm on x86) or oneDNN's matmul, whichever measured faster on this machine for its kind
+of product, timed on its first calls in the model (``CPU_MATMUL = "auto"``): neither wins everywhere. On an
+AVX-512 AMD EPYC oneDNN ran the expert products 2.0-2.3x faster; on an AVX-512 Intel Xeon it ran the weight
+gradients at half MKL's speed; on an AVX2 AMD EPYC it ran the dense FFN's products up to 1.4x faster and the
+fine-grained experts' weight gradients at half MKL's speed. On CUDA they are ``torch.mm``.
 
 ``expert_ffn``: one fused operator for the whole routed FFN (gather, both projections, activation, and the
 gated sum of each token's rows), forward and backward written out, looping over experts and blocks of rows.
@@ -20,6 +22,8 @@ sync): the building block of the ``grouped_mm`` dispatch, fast on CUDA in bf16.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any, Literal
@@ -32,25 +36,20 @@ import torch.nn.functional as F
 BLOCK_BYTES = 24 << 20
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+# What runs the fp32 CPU products: "torch" (torch.mm), "onednn" (torch.ops.mkldnn), or "auto": each kind of
+# product (m, n and k rounded up to powers of two, operand layouts, written in place or added to) runs its
+# first TRIALS calls on each library in turn, timed where they stand in the model, and from then on on the
+# one with the lower median time per multiply-add, kept in TUNED. Under torch.use_deterministic_algorithms,
+# "auto" is "torch", so that two runs (a resumed one too) compute bit for bit the same.
+CPU_MATMUL: Literal["auto", "torch", "onednn"] = "auto"
+TUNED: dict[tuple[int | bool, ...], str] = {}
+TRIALS = 5  # per library; the median discounts the first oneDNN call of a shape, which builds its kernel
+_trials: dict[tuple[int | bool, ...], dict[str, list[float]]] = {}
 
 
-# What runs the fp32 CPU products: "torch" (torch.mm: MKL's sgemm on x86) or "onednn" (torch.ops.mkldnn).
-# oneDNN on AMD and Hygon CPUs, where MKL takes its AVX2 code; settable, as the tests and benchmarks do.
-CPU_MATMUL: Literal["torch", "onednn"] = (
-    "onednn" if _cpu_vendor() in ("AuthenticAMD", "HygonGenuine") else "torch"
-)
-
-
-def _onednn(a: torch.Tensor) -> bool:
+def _onednn_possible(a: torch.Tensor) -> bool:
     return (
-        CPU_MATMUL == "onednn"
-        and a.device.type == "cpu"
+        a.device.type == "cpu"
         and a.dtype == torch.float32
         and a.shape[-1] > 0  # oneDNN refuses an empty inner dimension
         and torch.backends.mkldnn.is_available()
@@ -62,7 +61,29 @@ def mm_t(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, add: bool = False
 ) -> torch.Tensor:
     """``a (m, k) @ b (n, k).T -> (m, n)``, any strides; written into ``out`` (or added to it) when given."""
-    if _onednn(a):
+    if not _onednn_possible(a):
+        return _mm_t_on("torch", a, b, out, add)
+    if CPU_MATMUL != "auto" or torch.are_deterministic_algorithms_enabled():
+        return _mm_t_on("torch" if CPU_MATMUL == "auto" else CPU_MATMUL, a, b, out, add)
+    m, k, n = (1 << max(size - 1, 0).bit_length() for size in (*a.shape, b.shape[0]))
+    kind = (m, n, k, a.stride(1) == 1, b.stride(1) == 1, out is not None, add)
+    if kind in TUNED:
+        return _mm_t_on(TUNED[kind], a, b, out, add)
+    times = _trials.setdefault(kind, {"torch": [], "onednn": []})
+    library = min(times, key=lambda name: len(times[name]))  # the libraries take turns
+    start = time.perf_counter()
+    result = _mm_t_on(library, a, b, out, add)
+    times[library].append((time.perf_counter() - start) / (a.shape[0] * a.shape[1] * b.shape[0]))
+    if len(times["onednn"]) == TRIALS:
+        TUNED[kind] = min(times, key=lambda name: statistics.median(times[name]))
+        del _trials[kind]
+    return result
+
+
+def _mm_t_on(
+    library: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, add: bool
+) -> torch.Tensor:
+    if library == "onednn":
         product = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
         if out is None:
             return product
@@ -98,10 +119,12 @@ _linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` without bias, x (..., k), w (n, k); on CPU in fp32 through ``mm_t``, forward and
-    backward. Compiled, or under autocast (whose bf16 products already run on oneDNN), it is ``F.linear``."""
+    backward. Compiled, with ``CPU_MATMUL = "torch"``, or under autocast (whose bf16 products already run on
+    oneDNN), it is ``F.linear``."""
     if (
         torch.compiler.is_compiling()
-        or not _onednn(x)
+        or CPU_MATMUL == "torch"
+        or not _onednn_possible(x)
         or torch.is_autocast_enabled("cpu")
         or x.shape[:-1].numel() == 0
     ):
