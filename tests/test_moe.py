@@ -223,7 +223,6 @@ MATMULS = ["auto", "torch", "onednn"]  # kernels.CPU_MATMUL; "auto" tunes afresh
 @pytest.fixture(autouse=True)
 def fresh_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "TUNED", {})
-    monkeypatch.setattr(kernels, "_trials", {})
 
 
 @pytest.mark.parametrize("matmul", MATMULS)
@@ -271,30 +270,29 @@ def test_linear_equals_f_linear_forward_and_backward(
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_matmul_tries_both_libraries_then_keeps_one_per_kind_of_product(
+def test_auto_matmul_times_each_kind_of_product_once_and_is_fixed_when_deterministic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``CPU_MATMUL = "auto"``: each kind of product (sizes rounded up to powers of two, layouts, in place or
-    added) runs its first ``TRIALS`` calls on each library in turn, correct every time, then keeps one. Under
-    deterministic algorithms nothing is tried and the products are ``torch.mm``, bit for bit."""
+    """``CPU_MATMUL = "auto"`` times each kind of product once, on a copy of the output (sizes count rounded
+    up to powers of two), and then runs every product of that kind the same way: the same bits each time.
+    Under deterministic algorithms nothing is timed and the products are ``torch.mm``, bit for bit."""
     monkeypatch.setattr(kernels, "CPU_MATMUL", "auto")
     torch.manual_seed(5)
-    a, b = torch.randn(300, 64), torch.randn(48, 64)
-    for rows in [300, 260] * kernels.TRIALS:  # 260 and 300 rows: both up to 512, one kind
-        out = torch.randn(rows, 48)
-        expected = out + a[:rows] @ b.t()
-        kernels.mm_t(a[:rows], b, out=out, add=True)
-        torch.testing.assert_close(out, expected)
-    assert len(kernels.TUNED) == 1 and set(kernels.TUNED.values()) <= {"torch", "onednn"}
-    torch.testing.assert_close(kernels.mm_t(a, b), a @ b.t())  # a fresh output: another kind, not yet kept
-    torch.testing.assert_close(kernels.mm_t(a.t().contiguous().t(), b), a @ b.t())  # a column-major: another
-    assert len(kernels.TUNED) == 1 and len(kernels._trials) == 2
+    a, b, out = torch.randn(300, 64), torch.randn(48, 64), torch.randn(300, 48)
+    expected = out + a @ b.t()
+    kernels.mm_t(a, b, out=out, add=True)  # timed here: the product is still added once
+    torch.testing.assert_close(out, expected)
+    kernels.mm_t(a[:260], b, out=out[:260], add=True)  # 260 and 300 rows: both up to 512, one kind
+    first = kernels.mm_t(a, b)  # a new kind: a fresh output
+    assert torch.equal(kernels.mm_t(a, b), first)
+    kernels.mm_t(a.t().contiguous().t(), b)  # another: a column-major
+    assert len(kernels.TUNED) == 3 and set(kernels.TUNED.values()) <= {"torch", "onednn"}
 
-    monkeypatch.setattr(kernels, "_trials", {})
+    kernels.TUNED.clear()
     with deterministic_algorithms():
         assert torch.equal(kernels.mm_t(a, b), torch.mm(a, b.t()))
         assert torch.equal(kernels.linear(a, b), torch.mm(a, b.t()))
-    assert kernels._trials == {}
+    assert kernels.TUNED == {}
 
 
 @contextlib.contextmanager

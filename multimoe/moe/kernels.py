@@ -2,7 +2,7 @@
 
 ``mm_t`` / ``linear``: the matrix products of the FFNs, dense and routed. On CPU in fp32 each runs on
 ``torch.mm`` (MKL's sgemm on x86) or oneDNN's matmul, whichever measured faster on this machine for its kind
-of product, timed on its first calls in the model (``CPU_MATMUL = "auto"``): neither wins everywhere. On an
+of product, timed on its first call (``CPU_MATMUL = "auto"``): neither wins everywhere. On an
 AVX-512 AMD EPYC oneDNN ran the expert products 2.0-2.3x faster; on an AVX-512 Intel Xeon it ran the weight
 gradients at half MKL's speed; on an AVX2 AMD EPYC it ran the dense FFN's products up to 1.4x faster and the
 fine-grained experts' weight gradients at half MKL's speed. On CUDA they are ``torch.mm``.
@@ -22,7 +22,7 @@ sync): the building block of the ``grouped_mm`` dispatch, fast on CUDA in bf16.
 
 from __future__ import annotations
 
-import statistics
+import math
 import time
 from collections.abc import Callable
 from itertools import pairwise
@@ -36,15 +36,14 @@ import torch.nn.functional as F
 BLOCK_BYTES = 24 << 20
 
 
-# What runs the fp32 CPU products: "torch" (torch.mm), "onednn" (torch.ops.mkldnn), or "auto": each kind of
-# product (m, n and k rounded up to powers of two, operand layouts, written in place or added to) runs its
-# first TRIALS calls on each library in turn, timed where they stand in the model, and from then on on the
-# one with the lower median time per multiply-add, kept in TUNED. Under torch.use_deterministic_algorithms,
-# "auto" is "torch", so that two runs (a resumed one too) compute bit for bit the same.
+# What runs the fp32 CPU products: "torch" (torch.mm), "onednn" (torch.ops.mkldnn), or "auto": the first
+# product of each kind (m, n and k rounded up to powers of two, operand layouts, written in place or added
+# to) is timed on both libraries, in turns, on a copy of its output, and the faster runs every product of
+# that kind from then on (TUNED), so that the same inputs give the same bits within a process. Under
+# torch.use_deterministic_algorithms, "auto" is "torch": two runs (a resumed one too) compute the same bits.
 CPU_MATMUL: Literal["auto", "torch", "onednn"] = "auto"
 TUNED: dict[tuple[int | bool, ...], str] = {}
-TRIALS = 5  # per library; the median discounts the first oneDNN call of a shape, which builds its kernel
-_trials: dict[tuple[int | bool, ...], dict[str, list[float]]] = {}
+TRIALS = 5  # per library; the best counts (the first oneDNN call of a shape builds its kernel)
 
 
 def _onednn_possible(a: torch.Tensor) -> bool:
@@ -67,17 +66,19 @@ def mm_t(
         return _mm_t_on("torch" if CPU_MATMUL == "auto" else CPU_MATMUL, a, b, out, add)
     m, k, n = (1 << max(size - 1, 0).bit_length() for size in (*a.shape, b.shape[0]))
     kind = (m, n, k, a.stride(1) == 1, b.stride(1) == 1, out is not None, add)
-    if kind in TUNED:
-        return _mm_t_on(TUNED[kind], a, b, out, add)
-    times = _trials.setdefault(kind, {"torch": [], "onednn": []})
-    library = min(times, key=lambda name: len(times[name]))  # the libraries take turns
-    start = time.perf_counter()
-    result = _mm_t_on(library, a, b, out, add)
-    times[library].append((time.perf_counter() - start) / (a.shape[0] * a.shape[1] * b.shape[0]))
-    if len(times["onednn"]) == TRIALS:
-        TUNED[kind] = min(times, key=lambda name: statistics.median(times[name]))
-        del _trials[kind]
-    return result
+    if kind not in TUNED:
+        TUNED[kind] = _faster(a, b, None if out is None else out.clone(), add)
+    return _mm_t_on(TUNED[kind], a, b, out, add)
+
+
+def _faster(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None, add: bool) -> str:
+    best = {"torch": math.inf, "onednn": math.inf}
+    for _ in range(TRIALS):
+        for library in best:
+            start = time.perf_counter()
+            _mm_t_on(library, a, b, scratch, add)
+            best[library] = min(best[library], time.perf_counter() - start)
+    return min(best, key=best.__getitem__)
 
 
 def _mm_t_on(
