@@ -1,13 +1,10 @@
 """Forward + backward time of the MoE layer, against a dense SwiGLU FFN with the same active FLOPs
 (``d_ff * top_k`` wide) and against HF transformers' ``MixtralSparseMoeBlock`` with each experts backend.
 
-``dense`` is this project's FFN (``multimoe.trunk.MLP``), whose products, like the experts', each run on the
-library that measured faster for them (``multimoe.moe.kernels.CPU_MATMUL``): the ratio to it is the cost of
-routing. ``dense_torch`` is the same FFN on ``nn.Linear`` (MKL's sgemm on x86 CPUs), what plain PyTorch runs.
+``dense`` is this project's FFN (``multimoe.trunk.MLP``): the ratio to it is the cost of routing.
 
-    python benchmarks/moe_layer.py                                  # CPU, 2 threads, fp32 (README table)
+    python benchmarks/moe_layer.py                                  # CPU, 2 threads, fp32
     python benchmarks/moe_layer.py --device cuda --dtype bf16       # GPU targets
-    python benchmarks/moe_layer.py --cpu-matmul onednn              # one CPU matmul library for all
 
 All contenders run in one process on the same input, the same output gradient and the same weights (HF's
 block gets a copy of ours, so both route identically). Rounds go round-robin over the contenders after a
@@ -35,12 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from multimoe.moe import kernels
 from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer, modality_expert_mask
 from multimoe.moe.router import Router
@@ -58,14 +53,6 @@ HF_BACKENDS = ("eager", "grouped_mm")
 PINNED_BYTES = 1 << 30
 
 Step = Callable[[], None]
-
-
-class TorchMLP(MLP):
-    """``MLP`` on ``nn.Linear``: the dense FFN as plain PyTorch runs it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
 
 
 def pin_malloc() -> str:
@@ -96,8 +83,7 @@ def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str)
     torch.manual_seed(0)
     allowed = modality_expert_mask([0], 1, 0, e)  # one modality, every expert allowed: plain Mixtral routing
     ours = MoELayer(Router(d, allowed, k), Experts(e, d, d_ff), dispatch=dispatch)  # type: ignore[arg-type]
-    dense, dense_torch = MLP(d, d_ff * k), TorchMLP(d, d_ff * k)
-    dense_torch.load_state_dict(dense.state_dict())
+    dense = MLP(d, d_ff * k)
     ids = torch.zeros(t, dtype=torch.long, device=device)
     x = torch.randn(t, d, device=device, dtype=dtype)
     grad = torch.randn(t, d, device=device, dtype=dtype)
@@ -113,12 +99,8 @@ def build(shape: dict[str, int], dtype: torch.dtype, device: str, dispatch: str)
 
         return step
 
-    steps: dict[str, Step] = {
-        "dense": plain_step(dense, (t, d)),
-        "dense_torch": plain_step(dense_torch, (t, d)),
-        "ours": ours_step,
-    }
-    modules: list[torch.nn.Module] = [ours, dense, dense_torch]
+    steps: dict[str, Step] = {"dense": plain_step(dense, (t, d)), "ours": ours_step}
+    modules: list[torch.nn.Module] = [ours, dense]
     for backend in HF_BACKENDS:
         config = MixtralConfig(
             hidden_size=d,
@@ -181,12 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--malloc", default="pinned", choices=["pinned", "default"])
-    parser.add_argument(
-        "--cpu-matmul", choices=["auto", "torch", "onednn"], help="default: auto (the faster per product)"
-    )
     args = parser.parse_args(argv)
-    if args.cpu_matmul:
-        kernels.CPU_MATMUL = args.cpu_matmul
     malloc = pin_malloc() if args.malloc == "pinned" else "glibc default (adaptive thresholds)"
     dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -194,7 +171,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/moe_layer.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
-        "cpu_matmul": kernels.CPU_MATMUL,
         "threads": torch.get_num_threads(),
         "dtype": dtype_name,
         "dispatch": args.dispatch,
@@ -219,8 +195,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["shapes"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)  # progress
         del steps
-    # (rows up to, n, k, a row-major, b row-major, into out, added) -> library, as CPU_MATMUL="auto" chose
-    report["tuned"] = {" ".join(map(str, key)): library for key, library in kernels.TUNED.items()}
     report["all_targets_met"] = all(row["meets_targets"] for row in report["shapes"])
     print(json.dumps(report, indent=2))
     return report

@@ -47,7 +47,7 @@ def build(variant: str, args: argparse.Namespace) -> Callable[[int], int]:
     returns its number of trunk tokens."""
     from multimoe.config import MultiMoEConfig
     from multimoe.data.datamodule import MultiModalDataModule
-    from multimoe.lit_module import MultiMoEModule
+    from multimoe.training.module import MultiMoEModule
 
     values = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["model"]["config"]
     for part, changes in VARIANTS[variant].items():

@@ -8,10 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Literal, TypeVar, cast
 
-MODALITY_NAMES = ("text", "image", "audio")
 T = TypeVar("T")
+
+
+class Modality(IntEnum):
+    """The modalities, in the fixed order in which their tokens are concatenated into the trunk sequence."""
+
+    TEXT = 0
+    IMAGE = 1
+    AUDIO = 2
+
+    @classmethod
+    def from_name(cls, name: str) -> Modality:
+        return cls[name.upper()]
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+MODALITY_NAMES = tuple(
+    m.key for m in Modality
+)  # ("text", "image", "audio"): the names configs and manifests use
 
 
 class ConfigError(ValueError):

@@ -1,27 +1,17 @@
-"""Modalities and the container that carries a token sequence with its padding mask and modality ids."""
+"""The containers that carry modality inputs and token sequences (with padding masks and modality ids).
+
+``Modality`` itself is defined with the configs (``multimoe.config``, no torch there) and re-exported here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 import torch
 
+from multimoe.config import Modality
 
-class Modality(IntEnum):
-    """Fixed order in which modality tokens are concatenated into the trunk sequence."""
-
-    TEXT = 0
-    IMAGE = 1
-    AUDIO = 2
-
-    @classmethod
-    def from_name(cls, name: str) -> Modality:
-        return cls[name.upper()]
-
-    @property
-    def key(self) -> str:
-        return self.name.lower()
+__all__ = ["Modality", "ModalityInputs", "ModalityTokens", "MultiModalInputs"]
 
 
 @dataclass

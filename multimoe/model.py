@@ -17,7 +17,8 @@ from multimoe.modality import Modality, ModalityTokens, MultiModalInputs
 from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer, RouterStats, modality_expert_mask
 from multimoe.moe.router import Router
-from multimoe.pretrained import Pretrained
+from multimoe.pretrained import CheckpointError, Pretrained, read_checkpoint, saved_form
+from multimoe.tokenizer import WordTokenizer
 from multimoe.trunk import MLP, Block, SharedTransformer
 
 
@@ -112,19 +113,67 @@ class MultiMoE(nn.Module, Pretrained):
             total = total + moe.load_balance_coef * stats.load_balance_loss + moe.z_loss_coef * stats.z_loss
         return total
 
+    @property
+    def words(self) -> WordTokenizer | None:
+        """The word tokenizer of ``vocab`` (the caption decoder's and the scratch text encoder's), if any."""
+        return WordTokenizer(self.vocab) if self.vocab else None
+
     @torch.no_grad()
-    def generate(
-        self, inputs: MultiModalInputs, bos_id: int, eos_id: int, config: GenerationConfig | None = None
-    ) -> torch.Tensor:
-        """Captions (greedy unless ``config`` says otherwise): ids (B, L) without BOS, ``eos_id`` after each
-        caption's end."""
-        if self.captioner is None:
-            raise ValueError("this model has no caption decoder (caption.vocab_size = 0)")
+    def generate(self, inputs: MultiModalInputs, config: GenerationConfig | None = None) -> list[str]:
+        """One caption per sample (greedy unless ``config`` says otherwise)."""
         x = self.encode(inputs)
         h, _ = self.trunk(x.tokens, x.mask, x.modality_ids)
-        return self.captioner.generate(h, x.mask, bos_id, eos_id, config)
+        return self._captions(h, x.mask, config)
 
-    # ---- save_pretrained / from_pretrained (multimoe.pretrained) -----------------------------------------
+    @torch.no_grad()
+    def predict(
+        self, inputs: MultiModalInputs, config: GenerationConfig | None = None
+    ) -> list[dict[str, Any]]:
+        """Per sample, as the model has the heads: ``label`` with its ``probability``, and ``caption``."""
+        x = self.encode(inputs)  # tokens (B, N, d), mask (B, N)
+        h, _ = self.trunk(x.tokens, x.mask, x.modality_ids)  # (B, N, d)
+        rows: list[dict[str, Any]] = [{} for _ in range(inputs.batch_size)]
+        if self.classifier is not None:
+            prob, index = self.classifier(h, x.mask).float().softmax(dim=-1).max(dim=-1)  # (B,), (B,)
+            for row, p, k in zip(rows, prob.tolist(), index.tolist(), strict=True):
+                row |= {"label": self.labels[k], "probability": round(p, 6)}
+        if self.captioner is not None:
+            for row, caption in zip(rows, self._captions(h, x.mask, config), strict=True):
+                row["caption"] = caption
+        return rows
+
+    def _captions(self, h: torch.Tensor, mask: torch.Tensor, config: GenerationConfig | None) -> list[str]:
+        words = self.words
+        if self.captioner is None or words is None:
+            raise ValueError("this model has no caption decoder (caption.vocab_size = 0)")
+        ids = self.captioner.generate(h, mask, words.bos_id, words.eos_id, config)  # (B, L)
+        return [words.decode(seq) for seq in ids.tolist()]
+
+    # ---- loading and saving (multimoe.pretrained) --------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any
+    ) -> MultiMoE:
+        """A saved model folder, a hub id, or a ``train.py`` checkpoint file (``.ckpt``, see
+        ``from_checkpoint``): the one door through which tools and fine-tuning load a model."""
+        path = Path(pretrained_model_name_or_path)
+        if path.suffix == ".ckpt" or path.is_file():
+            return cls.from_checkpoint(path)
+        return cast(MultiMoE, super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> MultiMoE:
+        """The model of a ``train.py`` checkpoint, with its labels and vocabulary, read without Lightning and
+        without unpickling code (``multimoe.pretrained.read_checkpoint``)."""
+        saved, state = saved_form(read_checkpoint(path), path)
+        try:
+            model = build_model(MultiMoEConfig.from_dict(saved["config"]), saved["labels"], saved["vocab"])
+            model.load_state_dict(state)
+        except (ValueError, RuntimeError, TypeError) as error:  # a config or weights this code cannot take
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise CheckpointError(f"{path}: does not load: {lines[-1] if lines else error}") from None
+        return model
+
     def saved_config(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "labels": self.labels, "vocab": self.vocab}
 

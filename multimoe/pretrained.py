@@ -1,4 +1,5 @@
-"""``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for the encoders and the whole model.
+"""``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for the encoders and the whole model, and the
+one reader of ``train.py`` checkpoints (``read_checkpoint``), which never runs code from the file.
 
 A saved folder holds ``config.json`` (the typed config as a plain dict), ``model.safetensors`` (every weight)
 and, for a transformers backbone, that backbone's own config and tokenizer or feature-extractor files under
@@ -12,9 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from huggingface_hub import PyTorchModelHubMixin, snapshot_download
 from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 
@@ -79,3 +84,57 @@ class Pretrained(PyTorchModelHubMixin, library_name="multimoe"):
             raise FileNotFoundError(f"{model_id}: no {CONFIG_NAME}, not a folder saved by {cls.__name__}")
         model = cls.from_saved(json.loads((folder / CONFIG_NAME).read_text()), folder / BACKBONE_DIR)
         return cls._load_as_safetensor(model, str(folder / SAFETENSORS_SINGLE_FILE), map_location, strict)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable ``train.py`` checkpoint; the message names it and says why."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The contents of a ``train.py`` (Lightning) checkpoint, unpickled with ``weights_only=True``: tensors
+    and plain containers only, so a crafted file cannot run code. ``saved_form`` turns it into a model's
+    ``config.json`` form and weights."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: (GLOBAL )?(\S+)", str(error))
+        what = f"it would import {found.group(2)}" if found else _first_line(error)
+        raise CheckpointError(
+            f"{path}: refused: {what}; a checkpoint holds only tensors and plain values"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
+    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(checkpoint):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (no hyper_parameters and state_dict)")
+    return checkpoint
+
+
+def saved_form(
+    checkpoint: dict[str, Any], path: str | Path
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``({"config", "labels", "vocab"}, model weights)`` of a ``read_checkpoint`` result: what a saved
+    model folder holds in ``config.json`` and ``model.safetensors``."""
+    hparams = checkpoint["hyper_parameters"]
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict):
+        raise CheckpointError(
+            f"{path}: not a multimoe checkpoint (its hyper-parameters hold no model config)"
+        )
+    saved = {
+        "config": hparams["config"],
+        "labels": hparams.get("labels") or [],
+        "vocab": hparams.get("vocab") or [],
+    }
+    state = {
+        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
+    }
+    return saved, state
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

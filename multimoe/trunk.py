@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from multimoe.moe.kernels import linear
 from multimoe.moe.layer import MoELayer, RouterStats
 
 
@@ -30,19 +29,30 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """x (B, N, d); context (B, M, d) or None for self-attention; key_mask (B, M) True where real."""
-        context = x if context is None else context
+        k, v = self.keys_values(x if context is None else context)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
+        return self.attend(x, k, v, mask, is_causal)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context (B, M, d) -> k, v (B, H, M, Dh)``: what a decoder caches."""
+        b, m, _ = context.shape
+        k, v = self.kv(context).view(b, m, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Queries from ``x (B, N, d)`` over keys/values ``(B, H, M, Dh)``; ``mask`` broadcasts to
+        ``(B, H, N, M)``, True where a query may look."""
         b, n, d = x.shape
         q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, N, Dh)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         return self.out(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -55,8 +65,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up.weight).chunk(2, dim=-1)  # the experts' matrix products
-        return linear(F.silu(gate) * up, self.down.weight)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 from PIL import Image
 
-from multimoe.analysis import main as analysis_main
-from multimoe.analysis import summarize
 from multimoe.data.datamodule import MultiModalDataModule
-from multimoe.lit_module import MultiMoEModule
+from multimoe.model import MultiMoE, build_model
+from multimoe.tools.analysis import main as analysis_main
+from multimoe.tools.analysis import summarize
+from multimoe.training.module import MultiMoEModule
 from tests.test_model import tiny_config
 
 
@@ -40,12 +41,16 @@ def test_routing_summary_counts_every_token(
     trained: tuple[Path, list[str]], digit_manifests: dict[str, Path]
 ) -> None:
     checkpoint, _ = trained
-    module = MultiMoEModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    data = MultiModalDataModule(str(digit_manifests["train"]), test_manifest=str(digit_manifests["test"]))
-    data.config = module.config
+    model = MultiMoE.from_checkpoint(checkpoint)
+    data = MultiModalDataModule(
+        test_manifest=str(digit_manifests["test"]),
+        config=model.config,
+        base_labels=model.labels,
+        base_vocab=model.vocab,
+    )
     data.setup()
-    summary = summarize(module, data.datasets["test"], keep=3, batch_size=5)
-    top_k = module.config.moe.top_k
+    summary = summarize(model, data.datasets["test"], keep=3, batch_size=5)
+    top_k = model.config.moe.top_k
     for counts in summary.counts:  # dropless token choice: every real token makes top_k assignments
         assert int(counts.sum()) == top_k * summary.tokens
     assert all(d == 0.0 for d in summary.dropped) and all(e > 0.0 for e in summary.entropy)
@@ -54,13 +59,11 @@ def test_routing_summary_counts_every_token(
     assert set(first) == {"text", "image", "audio"} and first["image"].shape[0] == len(summary.counts)
 
 
-def test_dense_model_has_no_routing_to_draw(tmp_path: Path, digit_manifests: dict[str, Path]) -> None:
+def test_dense_model_has_no_routing_to_draw() -> None:
     config = tiny_config()
-    module = MultiMoEModule(
-        dataclasses.replace(config, moe=dataclasses.replace(config.moe, every=0)), ["a", "b"]
-    )
+    dense = build_model(dataclasses.replace(config, moe=dataclasses.replace(config.moe, every=0)), ["a", "b"])
     with pytest.raises(ValueError, match="no MoE layer"):
-        summarize(module, [])  # type: ignore[arg-type]
+        summarize(dense, [])  # type: ignore[arg-type]
 
 
 def test_validation_logs_the_routing_heatmap_to_tensorboard(

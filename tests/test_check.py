@@ -16,9 +16,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from multimoe.config import MultiMoEConfig
-from multimoe.data.check import check_manifest, main
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError, read_manifest
+from multimoe.tools.check import check_manifest, main
 from tests.conftest import ROOT, SHARED_DATA
 
 IMAGE = SHARED_DATA / "mnist/3/0000.png"
@@ -94,7 +94,7 @@ def test_checker_finds_every_planted_bad_row_with_its_line(folder: Path) -> None
 def test_checker_command_prints_every_bad_row_and_exits_non_zero(folder: Path) -> None:
     path, expected = planted_manifest(folder)
     result = subprocess.run(
-        [sys.executable, "-m", "multimoe.data.check", str(path), "--labels", "even,odd"],
+        [sys.executable, "-m", "multimoe.tools.check", str(path), "--labels", "even,odd"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -181,7 +181,7 @@ class BreakFile(Callback):
 def test_train_py_on_a_file_gone_mid_training(
     folder: Path, tmp_path: Path, skip: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from multimoe.cli import main
+    from multimoe.training.cli import main
 
     train = folder / "train.jsonl"
     train.write_text("".join(json.dumps(good(i, label=["odd", "even"][i % 2])) + "\n" for i in range(3)))

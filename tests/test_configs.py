@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multimoe.cli import MultiMoECLI
 from multimoe.config import ConfigError, MoEConfig, MultiMoEConfig, TrunkConfig
 from multimoe.data.datamodule import MultiModalDataModule
-from multimoe.lit_module import MultiMoEModule
+from multimoe.training.cli import MultiMoECLI
+from multimoe.training.module import MultiMoEModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

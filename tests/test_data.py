@@ -17,8 +17,8 @@ from multimoe.config import ImageEncoderConfig, MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError, read_manifest
 from multimoe.data.processors import ImageProcessor
-from multimoe.data.tokenizer import WordTokenizer
 from multimoe.modality import Modality
+from multimoe.tokenizer import WordTokenizer
 
 
 @pytest.fixture

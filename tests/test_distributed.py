@@ -1,5 +1,6 @@
 """Data parallelism through Lightning's strategies, with real processes: two CPU processes (DDP over gloo)
-follow the loss trajectory of one process that sees the same global batches; FSDP trains the tiny model."""
+follow the loss trajectory of one process that sees the same global batches (FSDP needs GPUs:
+tests/test_gpu.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Evaluation commands on a model trained by train.py: the metrics JSON of fit/test, predictions, and
-``python -m multimoe.infer`` on real files."""
+``python -m multimoe.tools.infer`` on real files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from multimoe.infer import main as infer_main
+from multimoe.data.collate import Collator
+from multimoe.data.dataset import ManifestDataset
+from multimoe.data.manifest import read_manifest
+from multimoe.model import MultiMoE
+from multimoe.tools.infer import main as infer_main
 from tests.conftest import ROOT, SHARED_DATA
 
 IMAGE = SHARED_DATA / "mnist" / "3" / "0000.png"
@@ -52,14 +56,22 @@ def test_test_command_writes_metrics_where_asked_with_beam_search(
 
 
 def test_infer_prints_label_probability_and_caption(
-    trained: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+    trained: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """What infer prints is what the model gives the same files read through a manifest."""
     checkpoint, _ = trained
     args = [str(checkpoint), "--image", str(IMAGE), "--audio", str(AUDIO), "--text", "four"]
     infer_main(args)
     greedy = json.loads(capsys.readouterr().out)
-    assert greedy["label"] in ("even", "odd") and 0.5 <= greedy["probability"] <= 1.0
-    assert isinstance(greedy["caption"], str)
+    model = MultiMoE.from_checkpoint(checkpoint).eval()
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "x", "image": str(IMAGE), "audio": str(AUDIO), "text": "four"}) + "\n"
+    )
+    assert model.words is not None
+    dataset = ManifestDataset.for_model(read_manifest(manifest), model.config, model.labels, model.words)
+    batch = Collator.for_model(model.config, model.words)([dataset[0]])
+    assert greedy == model.predict(batch.inputs)[0] and greedy["label"] in ("even", "odd")
     infer_main([*args, "--strategy", "sample", "--seed", "1", "--top_k", "1"])  # top-1 sampling is greedy
     assert json.loads(capsys.readouterr().out) == greedy
     infer_main([str(checkpoint), "--text", "four"])  # one modality is enough
@@ -74,6 +86,7 @@ def test_infer_names_the_bad_input(
         (["--image", "nowhere.png"], "error: --image nowhere.png: file not found"),
         (["--audio", str(IMAGE)], f"error: --audio {IMAGE}: cannot read it"),
         ([], "error: give at least one of the model's inputs"),
+        (["--text", " \t"], "error: --text: expected non-empty text"),  # no answer from no input
         (["--text", "four", "--top_p", "0"], "error: GenerationConfig.top_p"),
     ]:
         with pytest.raises(SystemExit) as stop:

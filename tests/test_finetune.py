@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +20,10 @@ import yaml
 
 from multimoe.config import MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
-from multimoe.finetune import FinetuneConfig, grown_config, transfer
 from multimoe.model import MultiMoE, build_model
-from tests.conftest import ROOT
+from multimoe.surgery import grown_config, transfer
+from tests.conftest import ROOT, SHARED_DATA
+from tests.probes import finish, fit_command, start
 
 
 def tiny_config(**moe: object) -> MultiMoEConfig:
@@ -51,33 +59,32 @@ def trained_like(config: MultiMoEConfig, dm: MultiModalDataModule, seed: int = 0
 
 
 @pytest.mark.parametrize(
-    ("moe", "grow"),
-    [
-        ({}, FinetuneConfig(add_experts=2)),
-        ({"bias_update_rate": 0.01, "cross_modal_experts": 0}, FinetuneConfig(add_experts=1)),
-        ({}, FinetuneConfig(add_modalities=["audio"])),
-    ],
+    ("moe", "add_experts", "add_modalities"),
+    [({}, 2, ()), ({"bias_update_rate": 0.01, "cross_modal_experts": 0}, 1, ()), ({}, 0, ("audio",))],
     ids=["experts", "experts-with-bias-no-cross", "modality"],
 )
 def test_a_grown_model_computes_what_it_computed_before(
-    digit_manifests: dict[str, Path], moe: dict[str, object], grow: FinetuneConfig
+    digit_manifests: dict[str, Path],
+    moe: dict[str, object],
+    add_experts: int,
+    add_modalities: tuple[str, ...],
 ) -> None:
     config = tiny_config(**moe)
-    if grow.add_modalities:
+    if add_modalities:
         config = dataclasses.replace(config, modalities=["text", "image"])
     dm, batch = batch_of(digit_manifests, config)
     base = trained_like(config, dm)
-    grown = build_model(grown_config(base.config, grow), base.labels, base.vocab).eval()
+    grown = build_model(
+        grown_config(base.config, add_experts, add_modalities), base.labels, base.vocab
+    ).eval()
     new = transfer(base, grown)
     layers, old_layers = grown.moe_layers(), base.moe_layers()
-    added = len(config.modalities) * grow.add_experts + config.moe.experts_per_modality * len(
-        grow.add_modalities
-    )
+    added = len(config.modalities) * add_experts + config.moe.experts_per_modality * len(add_modalities)
     assert [
         layer.experts.num_experts - old.experts.num_experts
         for layer, old in zip(layers, old_layers, strict=True)
     ] == [added] * len(layers)
-    assert len(new) == len(config.modalities) * grow.add_experts * len(layers)  # each starts out of reach
+    assert len(new) == len(config.modalities) * add_experts * len(layers)  # each starts out of reach
     with torch.no_grad():
         before, after = base(batch.inputs), grown(batch.inputs)  # type: ignore[attr-defined]
     assert after.class_logits is not None and before.class_logits is not None
@@ -126,7 +133,7 @@ def test_new_labels_and_words_keep_what_the_checkpoint_knew(digit_manifests: dic
 def test_train_py_fine_tunes_with_frozen_parts_new_labels_and_more_experts(
     trained: tuple[Path, list[str]], digit_manifests: dict[str, Path], tmp_path: Path
 ) -> None:
-    from multimoe.cli import main
+    from multimoe.training.cli import main
 
     checkpoint, _ = trained
     rows = [json.loads(line) for line in digit_manifests["train"].read_text().splitlines()]
@@ -169,3 +176,150 @@ def test_train_py_fine_tunes_with_frozen_parts_new_labels_and_more_experts(
     assert experts and all(not torch.equal(new[k][moved], old[k]) for k in experts)  # trained
     heads = [k for k in old if k.startswith("model.captioner.") and new[k].shape == old[k].shape]
     assert heads and any(not torch.equal(new[k], old[k]) for k in heads)
+
+
+def new_expert_biases(checkpoint: Path | dict) -> list[torch.Tensor]:
+    """Each MoE layer's selection biases of the experts added by growing tiny.yaml's 2 per modality to 3:
+    they sit at 2, 5 and 8 (before the cross-modal expert at 9)."""
+    if isinstance(checkpoint, Path):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    return [v[:, [2, 5, 8]] for k, v in sorted(state.items()) if k.endswith("router.bias")]
+
+
+@pytest.mark.slow
+def test_a_resumed_grown_fine_tune_continues_its_grow_in_ramp(
+    trained: tuple[Path, list[str]], digit_manifests: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two epochs of 3 steps, 8 ramp steps: killed after the first epoch and resumed, the run ends with the
+    uninterrupted run's weights and new-expert biases (a restarted ramp would leave those 3 steps lower)."""
+    checkpoint, _ = trained
+    grow = [f"--finetune.checkpoint={checkpoint}", "--finetune.add_experts=1", "--finetune.grow_in_steps=8"]
+    grow += ["--trainer.limit_train_batches=3", "--trainer.max_epochs=2", "--trainer.deterministic=true"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    uninterrupted = start(fit_command(full, digit_manifests, *grow), full / "out.txt")
+    killed = start(fit_command(cut, digit_manifests, *grow, pause_at_step=4), cut / "out.txt")
+    deadline = time.monotonic() + 300
+    while not (cut / "log.paused").exists():  # the first epoch done, validated and saved
+        assert killed.poll() is None and time.monotonic() < deadline, (cut / "out.txt").read_text()[-3000:]
+        time.sleep(0.2)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3
+    assert [s for k, s in saved["callbacks"].items() if k.startswith("GrowIn")] == [{"done": 3}]
+    resume = fit_command(cut, digit_manifests, *grow, "--ckpt_path=last")
+    finish(start(resume, cut / "out2.txt"), cut / "out2.txt")
+    finish(uninterrupted, full / "out.txt")
+    expected = new_expert_biases(full / "checkpoints" / "last.ckpt")
+    resumed = new_expert_biases(cut / "checkpoints" / "last.ckpt")
+    assert len(expected) == 1 and not torch.equal(expected[0], new_expert_biases(saved)[0])  # still ramping
+    for a, b in zip(expected, resumed, strict=True):
+        assert torch.equal(a, b)
+    a = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
+
+
+@pytest.mark.slow
+def test_a_modality_grows_in_through_the_cli_and_the_grown_checkpoint_evaluates(
+    digit_manifests: dict[str, Path], tmp_path: Path
+) -> None:
+    """A text + image model, fine-tuned with ``--finetune.add_modalities [audio]``, then ``test --ckpt_path``
+    on the grown checkpoint (the test manifest has audio)."""
+    base, grown = tmp_path / "base", tmp_path / "grown"
+    steps = ["--trainer.limit_train_batches=2", "--test_after_fit=false"]
+    two = fit_command(base, digit_manifests, *steps, "--model.config.modalities=[text,image]")
+    finish(start(two, base / "out.txt"), base / "out.txt")
+    add = [f"--finetune.checkpoint={base / 'checkpoints/last.ckpt'}", "--finetune.add_modalities=[audio]"]
+    out = finish(
+        start(fit_command(grown, digit_manifests, *steps, *add), grown / "out.txt"), grown / "out.txt"
+    )
+    assert "0 new experts" in out  # a new modality's experts start level: nothing to grow in
+    checkpoint = grown / "checkpoints" / "last.ckpt"
+    model = MultiMoE.from_checkpoint(checkpoint)
+    assert model.config.modalities == ["text", "image", "audio"] and model.config.moe.bias_update_rate > 0
+    command = [sys.executable, "train.py", "test", "--config=configs/tiny.yaml", f"--ckpt_path={checkpoint}"]
+    command += [f"--data.test_manifest={digit_manifests['test']}", f"--metrics_file={tmp_path / 'm.json'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "m.json").read_text())["classification"]["labels"] == ["even", "odd"]
+
+
+def test_fine_tuning_starts_from_a_saved_model_folder(
+    trained: tuple[Path, list[str]], digit_manifests: dict[str, Path], tmp_path: Path
+) -> None:
+    from multimoe.tools.convert import convert
+    from multimoe.training.cli import main
+
+    checkpoint, _ = trained
+    folder = convert(checkpoint, tmp_path / "saved")
+    root = tmp_path / "run"
+    main(
+        [
+            "fit",
+            "--config=configs/tiny.yaml",
+            *[f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()],
+            f"--finetune.checkpoint={folder}",
+            "--finetune.freeze=[encoders]",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    saved = MultiMoE.from_pretrained(str(folder)).state_dict()
+    tuned = MultiMoE.from_checkpoint(root / "checkpoints" / "last.ckpt").state_dict()
+    encoders = [k for k in saved if k.startswith("encoders.")]
+    assert encoders and all(torch.equal(tuned[k], saved[k]) for k in encoders)  # frozen: the folder's weights
+    assert any(not torch.equal(tuned[k], saved[k]) for k in saved if k.startswith("trunk."))
+
+
+def doc_commands(text: str) -> list[list[str]]:
+    """The ``python ...`` commands of a page's bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [
+        shlex.split(line) for line in joined.splitlines() if line.startswith("python ") and "<<" not in line
+    ]
+
+
+@pytest.mark.slow
+def test_the_csv_fine_tune_walkthrough_runs_as_written(
+    trained: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """docs/finetune.md from a fresh folder beside ../shared: its manifest script, the checker, the
+    fine-tuning command (from the test fixture's checkpoint, a few steps) and the evaluation without audio."""
+    text = (ROOT / "docs" / "finetune.md").read_text()
+    script = text.split("python - <<'PY'\n")[1].split("\nPY\n")[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
+    subprocess.run([sys.executable, "-c", script], cwd=work, check=True, timeout=120)
+    check, fit, test = doc_commands(text)
+    assert check[:3] == ["python", "-m", "multimoe.tools.check"]
+    assert fit[1:3] == ["train.py", "fit"] and test[1:3] == ["train.py", "test"]
+    few = [
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+    ]
+    few += ["--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+
+    def python(command: list[str]) -> subprocess.CompletedProcess[str]:
+        args = [str(ROOT / a) if a.startswith(("train.py", "configs/")) else a for a in command[1:]]
+        result = subprocess.run(
+            [sys.executable, *args], cwd=work, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    checked = python(check).stderr
+    assert (
+        "mydigits/train.csv: 1500 rows, 0 bad" in checked and "mydigits/test.csv: 300 rows, 0 bad" in checked
+    )
+    fit[fit.index("--finetune.checkpoint") + 1] = str(trained[0])
+    assert "10 labels (0 known)" in python([*fit, *few]).stderr
+    [tuned] = (tmp_path / "run").rglob("last.ckpt")  # under lightning_logs/version_0/checkpoints, as written
+    test[test.index("--ckpt_path") + 1] = str(tuned)
+    assert "test/acc" in python([*test, *few[2:]]).stdout

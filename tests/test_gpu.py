@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from multimoe.callbacks import NonFiniteGuard
+from multimoe.training.callbacks import NonFiniteGuard
 from tests.test_training_numerics import tiny, trainer
 
 pytestmark = [

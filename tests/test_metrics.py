@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision
 
-from multimoe.metrics import caption_metrics, classification_report, meteor_score, tokenize
+from multimoe.training.metrics import caption_metrics, classification_report, meteor_score, tokenize
 
 WORDS = [
     "a",

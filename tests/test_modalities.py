@@ -13,8 +13,8 @@ import yaml
 from multimoe.config import ConfigError, MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.dataset import SamplingOptions
-from multimoe.lit_module import MultiMoEModule
 from multimoe.modality import Modality
+from multimoe.training.module import MultiMoEModule
 from tests.conftest import ROOT
 
 ALL = ["text", "image", "audio"]

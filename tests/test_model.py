@@ -22,6 +22,7 @@ from multimoe.config import (
 from multimoe.modality import Modality, ModalityInputs, MultiModalInputs
 from multimoe.model import MultiMoE, build_model
 from multimoe.moe.layer import MoELayer
+from multimoe.tokenizer import SPECIALS
 
 
 def tiny_config(**moe: object) -> MultiMoEConfig:
@@ -137,12 +138,24 @@ def test_backward_reaches_every_trained_parameter() -> None:
     assert missing == []
 
 
-def test_greedy_generation_stops_and_is_deterministic(model: MultiMoE) -> None:
+def test_predictions_name_labels_and_words_and_are_deterministic() -> None:
+    torch.manual_seed(0)
+    labels, vocab = [f"class{i}" for i in range(5)], [*SPECIALS, *(f"w{i}" for i in range(36))]
+    model = build_model(tiny_config(), labels, vocab).eval()
     samples, _ = sample_inputs()
     inputs = collate(samples)
-    a = model.generate(inputs, bos_id=2, eos_id=3, config=GenerationConfig(max_length=7))
-    b = model.generate(inputs, bos_id=2, eos_id=3, config=GenerationConfig(max_length=7))
-    assert torch.equal(a, b) and a.shape[0] == 3 and a.shape[1] <= 7
+    config = GenerationConfig(max_length=7)
+    rows = model.predict(inputs, config)
+    assert rows == model.predict(inputs, config) and len(rows) == 3
+    out = model(inputs)
+    assert out.class_logits is not None
+    probs = out.class_logits.softmax(dim=-1)
+    for row, p in zip(rows, probs, strict=True):
+        assert row["label"] == labels[int(p.argmax())]
+        assert row["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+        words = row["caption"].split()
+        assert len(words) <= 7 and set(words) <= set(vocab[len(SPECIALS) :])  # max_length, no specials
+    assert model.generate(inputs, config) == [row["caption"] for row in rows]
 
 
 def test_dense_trunk_has_no_router_and_equal_active_ffn_width() -> None:

@@ -290,7 +290,7 @@ torch.save(encoder(torch.load(sys.argv[2]))[0], sys.argv[3])
 
 
 def convert(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "multimoe.convert", *args]
+    command = [sys.executable, "-m", "multimoe.tools.convert", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -298,7 +298,7 @@ def convert(*args: str) -> subprocess.CompletedProcess[str]:
 def test_trained_model_exports_its_image_encoder_to_a_fresh_process(
     trained: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
-    from multimoe.lit_module import MultiMoEModule
+    from multimoe.training.module import MultiMoEModule
 
     checkpoint, _ = trained
     result = convert(str(checkpoint), str(tmp_path / "image"), "--encoder", "image")
@@ -316,8 +316,8 @@ def test_trained_model_exports_its_image_encoder_to_a_fresh_process(
 
 @pytest.mark.slow
 def test_trained_model_converts_whole(trained: tuple[Path, list[str]], tmp_path: Path) -> None:
-    from multimoe.convert import main
-    from multimoe.lit_module import MultiMoEModule
+    from multimoe.tools.convert import main
+    from multimoe.training.module import MultiMoEModule
 
     checkpoint, _ = trained
     main([str(checkpoint), str(tmp_path / "model")])

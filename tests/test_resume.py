@@ -57,13 +57,13 @@ def test_run_killed_mid_epoch_resumes_exactly(digit_manifests: dict[str, Path], 
 SAVE_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from multimoe.checkpoint_io import AtomicCheckpointIO
+from multimoe.training.checkpoint_io import AtomicCheckpointIO
 AtomicCheckpointIO().save_checkpoint({"w": torch.ones(48_000_000), "step": 2}, Path(sys.argv[1]))
 """
 
 
 def test_kill_during_save_leaves_the_old_checkpoint_whole(tmp_path: Path) -> None:
-    from multimoe.checkpoint_io import AtomicCheckpointIO
+    from multimoe.training.checkpoint_io import AtomicCheckpointIO
 
     last = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(3), "step": 1}, last)

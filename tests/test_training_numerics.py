@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from multimoe.callbacks import NonFiniteError, NonFiniteGuard
 from multimoe.config import MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
-from multimoe.lit_module import MultiMoEModule
 from multimoe.modality import Modality
+from multimoe.training.callbacks import NonFiniteError, NonFiniteGuard
+from multimoe.training.module import MultiMoEModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

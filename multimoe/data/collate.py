@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from multimoe.config import MultiMoEConfig
 from multimoe.data.dataset import Sample
 from multimoe.data.processors import TextProcessor, pad_sequences
 from multimoe.modality import Modality, ModalityInputs, MultiModalInputs
+from multimoe.tokenizer import WordTokenizer
 
 
 @dataclass
@@ -29,6 +31,11 @@ class Collator:
     def __init__(self, text: TextProcessor | None, pad_id: int) -> None:
         self.text = text
         self.pad_id = pad_id
+
+    @classmethod
+    def for_model(cls, config: MultiMoEConfig, words: WordTokenizer) -> Collator:
+        """Batches for a model of ``config`` with the word vocabulary ``words``."""
+        return cls(TextProcessor(config.text, words) if "text" in config.modalities else None, words.pad_id)
 
     def __call__(self, loaded: list[Sample | None]) -> Batch:
         samples = [s for s in loaded if s is not None]

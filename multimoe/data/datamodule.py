@@ -1,5 +1,6 @@
 """LightningDataModule over manifest files: reads and checks every manifest up front, so a bad row stops the
-run before the first step; the label set and vocabulary come from the training manifest."""
+run before the first step. The label set and vocabulary come from the training manifest, or, to evaluate a
+checkpoint, from the checkpoint (then no training manifest is needed)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ from typing import Any, cast
 import lightning as L
 from torch.utils.data import DataLoader
 
-from multimoe.config import MultiMoEConfig
+from multimoe.config import ConfigError, MultiMoEConfig
 from multimoe.data.collate import Batch, Collator
 from multimoe.data.dataset import ManifestDataset, SamplingOptions
 from multimoe.data.manifest import ManifestRow, label_set, read_manifest
-from multimoe.data.processors import AudioProcessor, ImageProcessor, TextProcessor
 from multimoe.data.resumable import ResumableLoader, ResumableSampler
-from multimoe.data.tokenizer import WordTokenizer
+from multimoe.tokenizer import WordTokenizer
 
 
 class MultiModalDataModule(L.LightningDataModule):
     """Args:
-    train_manifest: JSONL manifest for training; its labels and words give the model's classes and vocabulary.
+    train_manifest: manifest for training; its labels and words give the model's classes and vocabulary.
+        Only ``fit`` needs it.
     val_manifest, test_manifest, predict_manifest: any other manifests (predict falls back to test).
     batch_size, num_workers: DataLoader settings.
     config: the model's config (linked from ``model.config`` by the CLI): which modalities to read and how
@@ -32,12 +33,15 @@ class MultiModalDataModule(L.LightningDataModule):
     modality_dropout: in training, drop each modality of a sample with this probability (never all of them).
     drop_modalities: modalities removed from every sample of every stage, e.g. ``audio`` or ``[audio, text]``:
         to evaluate without them; samples left with nothing are left out.
-    base_vocab: a vocabulary whose words keep their ids, new words appended (set by fine-tuning).
+    base_vocab: a checkpoint's vocabulary, whose words keep their ids; a training manifest's new words are
+        appended (set by the CLI to fine-tune or evaluate a checkpoint).
+    base_labels: a checkpoint's label set, used as it is; the training manifest is then not read (set by the
+        CLI to evaluate a checkpoint with ``--ckpt_path``).
     """
 
     def __init__(
         self,
-        train_manifest: str,
+        train_manifest: str | None = None,
         val_manifest: str | None = None,
         test_manifest: str | None = None,
         predict_manifest: str | None = None,
@@ -49,6 +53,7 @@ class MultiModalDataModule(L.LightningDataModule):
         modality_dropout: float = 0.0,
         drop_modalities: list[str] | str | None = None,
         base_vocab: list[str] | None = None,
+        base_labels: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.config = config or MultiMoEConfig()
@@ -58,14 +63,19 @@ class MultiModalDataModule(L.LightningDataModule):
         self.skip_bad_rows = skip_bad_rows
         drop = [drop_modalities] if isinstance(drop_modalities, str) else list(drop_modalities or [])
         self.sampling = SamplingOptions(modality_dropout, drop)
-        paths = {"fit": train_manifest, "validate": val_manifest, "test": test_manifest}
-        paths["predict"] = predict_manifest or test_manifest
-        train = read_manifest(Path(train_manifest), skip_bad_rows=skip_bad_rows)
-        self.labels: list[str] = label_set(train)
-        self.rows: dict[str, list[ManifestRow]] = {"fit": train} | {
+        paths = {
+            "validate": val_manifest,
+            "test": test_manifest,
+            "predict": predict_manifest or test_manifest,
+        }
+        train: list[ManifestRow] = []
+        if train_manifest is not None and base_labels is None:
+            train = read_manifest(Path(train_manifest), skip_bad_rows=skip_bad_rows)
+        self.labels: list[str] = list(base_labels) if base_labels is not None else label_set(train)
+        self.rows: dict[str, list[ManifestRow]] = ({"fit": train} if train else {}) | {
             stage: read_manifest(Path(path), self.labels, skip_bad_rows)
             for stage, path in paths.items()
-            if path is not None and stage != "fit"
+            if path is not None
         }
         texts = [t for r in train for t in [r.text or "", *r.captions]]
         self.words = WordTokenizer.build(texts, base_vocab)
@@ -75,29 +85,23 @@ class MultiModalDataModule(L.LightningDataModule):
         self.train_position: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
 
     def setup(self, stage: str | None = None) -> None:
-        c = self.config
-        image = ImageProcessor(c.image) if "image" in c.modalities else None
-        audio = AudioProcessor(c.audio) if "audio" in c.modalities else None
         for name, rows in self.rows.items():
             if name not in self.datasets:
-                self.datasets[name] = ManifestDataset(
+                sampling = self.sampling if name == "fit" else self.sampling.without_dropout()
+                self.datasets[name] = ManifestDataset.for_model(
                     rows,
-                    c.modalities,
+                    self.config,
                     self.labels,
                     self.words,
-                    image,
-                    audio,
-                    c.caption.max_length,
-                    self.cache,
-                    self.sampling if name == "fit" else self.sampling.without_dropout(),
-                    self.skip_bad_rows,
+                    cache=self.cache,
+                    sampling=sampling,
+                    skip_bad_rows=self.skip_bad_rows,
                 )
-        text = TextProcessor(c.text, self.words) if "text" in c.modalities else None
-        self.collate = Collator(text, self.words.pad_id)
+        self.collate = Collator.for_model(self.config, self.words)
 
     def _loader(self, stage: str, cls: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader[Batch]:
         if stage not in self.datasets:
-            raise ValueError(f"no manifest given for '{stage}': set data.{_ARG[stage]}")
+            raise ConfigError(f"no manifest given for '{stage}': set data.{_ARG[stage]}")
         return cls(
             self.datasets[stage],
             batch_size=self.batch_size,

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from multimoe.config import ConfigError
-from multimoe.data.manifest import MODALITY_FIELDS, ManifestError, ManifestRow
+from multimoe.config import MODALITY_NAMES, ConfigError, MultiMoEConfig
+from multimoe.data.manifest import ManifestError, ManifestRow
 from multimoe.data.processors import AudioProcessor, ImageProcessor
-from multimoe.data.tokenizer import WordTokenizer
+from multimoe.tokenizer import WordTokenizer
 
 IGNORE_INDEX = -100
 
@@ -41,10 +41,10 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ConfigError(f"data.modality_dropout must be in [0, 1], got {self.modality_dropout}")
-        unknown = sorted(set(self.drop) - set(MODALITY_FIELDS))
+        unknown = sorted(set(self.drop) - set(MODALITY_NAMES))
         if unknown:
             raise ConfigError(
-                f"data.drop_modalities: unknown modality {unknown[0]!r}; allowed: {MODALITY_FIELDS}"
+                f"data.drop_modalities: unknown modality {unknown[0]!r}; allowed: {MODALITY_NAMES}"
             )
 
     def without_dropout(self) -> SamplingOptions:
@@ -88,7 +88,7 @@ class ManifestDataset(Dataset[Sample | None]):
         for row in rows:
             if not any(getattr(row, m) is not None for m in modalities):
                 raise row.error("<row>", f"has none of the modalities this model reads: {sorted(modalities)}")
-        self.modalities = [m for m in MODALITY_FIELDS if m in modalities and m not in self.sampling.drop]
+        self.modalities = [m for m in MODALITY_NAMES if m in modalities and m not in self.sampling.drop]
         self.rows = [r for r in rows if any(getattr(r, m) is not None for m in self.modalities)]
         if len(self.rows) < len(rows):
             warnings.warn(
@@ -104,6 +104,27 @@ class ManifestDataset(Dataset[Sample | None]):
         self.cache: dict[Path, torch.Tensor] | None = {} if cache else None
         self.captions = [self._caption(row, max_caption_length) for row in rows]
         self.targets = [self._label(row) for row in rows]
+
+    @classmethod
+    def for_model(
+        cls,
+        rows: list[ManifestRow],
+        config: MultiMoEConfig,
+        labels: list[str],
+        words: WordTokenizer,
+        **options: Any,
+    ) -> ManifestDataset:
+        """``rows`` processed the way a model of ``config`` reads them (``options``: cache, sampling, ...)."""
+        return cls(
+            rows,
+            config.modalities,
+            labels,
+            words,
+            ImageProcessor(config.image) if "image" in config.modalities else None,
+            AudioProcessor(config.audio) if "audio" in config.modalities else None,
+            config.caption.max_length,
+            **options,
+        )
 
     def _label(self, row: ManifestRow) -> int:
         if row.label is None or not self.label_index:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from multimoe.config import MODALITY_NAMES
 from multimoe.data.files import header_problem
 
-FIELDS = ("id", "image", "audio", "text", "label", "caption")
-MODALITY_FIELDS = ("text", "image", "audio")
+FILE_FIELDS = tuple(m for m in MODALITY_NAMES if m != "text")  # modalities given as a file path
+FIELDS = ("id", *MODALITY_NAMES, "label", "caption")
 CAPTION_SEPARATOR = "|"
 
 
@@ -91,7 +92,7 @@ def scan_manifest(
             row = parse_row(values, path, line_no)
             if row.id in seen:
                 raise row.error("id", f"duplicate id {row.id!r} (first on line {seen[row.id]})")
-            for name in ("image", "audio"):
+            for name in FILE_FIELDS:
                 file = getattr(row, name)
                 if file is not None:
                     if (name, file) not in checked:
@@ -168,8 +169,8 @@ def parse_row(obj: dict[str, Any] | ManifestError, path: Path, line_no: int) -> 
     if unknown:
         raise fail(unknown[0], f"unknown field; allowed: {', '.join(FIELDS)}")
     values = {name: value for name, value in obj.items() if value is not None}
-    if not any(name in values for name in MODALITY_FIELDS):
-        raise fail("<row>", f"has none of the modalities {', '.join(MODALITY_FIELDS)}")
+    if not any(name in values for name in MODALITY_NAMES):
+        raise fail("<row>", f"has none of the modalities {', '.join(MODALITY_NAMES)}")
 
     row_id = values.get("id", f"{path.stem}-{line_no}")
     if not isinstance(row_id, str | int) or isinstance(row_id, bool) or str(row_id) == "":
@@ -187,7 +188,7 @@ def parse_row(obj: dict[str, Any] | ManifestError, path: Path, line_no: int) -> 
     if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
         raise fail("caption", "expected a non-empty string or a list of non-empty strings")
     files = {}
-    for name in ("image", "audio"):
+    for name in FILE_FIELDS:
         if name not in values:
             continue
         if not isinstance(values[name], str) or not values[name]:

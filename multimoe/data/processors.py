@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from multimoe.config import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig
-from multimoe.data.tokenizer import WordTokenizer
+from multimoe.tokenizer import WordTokenizer
 
 
 class TextProcessor:

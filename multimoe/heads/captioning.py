@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from multimoe.config import GenerationConfig
@@ -40,23 +39,6 @@ class DecoderCache:
         self.memory_mask = self.memory_mask[index]
 
 
-def _keys_values(attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``context (B, M, d) -> k, v (B, H, M, Dh)`` with the projection of ``attn``."""
-    b, m, _ = context.shape
-    k, v = attn.kv(context).view(b, m, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    return k, v
-
-
-def _attend(
-    attn: Attention, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Queries from ``x (B, T, d)`` over cached ``k, v``; ``mask`` broadcasts to ``(B, H, T, N)``."""
-    b, t, d = x.shape
-    q = attn.q(x).view(b, t, attn.num_heads, -1).transpose(1, 2)  # (B, H, T, Dh)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.out(out.transpose(1, 2).reshape(b, t, d))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int) -> None:
         super().__init__()
@@ -73,21 +55,21 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
     def start(self, memory: torch.Tensor) -> LayerCache:
-        cross_k, cross_v = _keys_values(self.cross_attn, memory)
+        cross_k, cross_v = self.cross_attn.keys_values(memory)
         empty = cross_k[:, :, :0]
         return LayerCache(empty, empty, cross_k, cross_v)
 
     def step(self, x: torch.Tensor, cache: LayerCache, memory_mask: torch.Tensor) -> torch.Tensor:
         """``x (B, T, d)``: the next T tokens; their keys/values join the cache."""
         h = self.self_norm(x)
-        k, v = _keys_values(self.self_attn, h)
+        k, v = self.self_attn.keys_values(h)
         cache.self_k = torch.cat([cache.self_k, k], dim=2)
         cache.self_v = torch.cat([cache.self_v, v], dim=2)
         past, t = cache.self_k.shape[2] - x.shape[1], x.shape[1]
         causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)  # (T, past + T)
-        x = x + _attend(self.self_attn, h, cache.self_k, cache.self_v, causal)
+        x = x + self.self_attn.attend(h, cache.self_k, cache.self_v, causal)
         cross_mask = memory_mask[:, None, None, :]  # (B, 1, 1, M)
-        x = x + _attend(self.cross_attn, self.cross_norm(x), cache.cross_k, cache.cross_v, cross_mask)
+        x = x + self.cross_attn.attend(self.cross_norm(x), cache.cross_k, cache.cross_v, cross_mask)
         return x + self.ffn(self.ffn_norm(x))
 
 

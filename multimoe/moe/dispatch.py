@@ -2,7 +2,7 @@
 
 All paths sort the pairs by expert so each expert works on one contiguous block of rows.
 ``reference``: a plain loop over experts, the ground truth. ``sorted``: the fused ``expert_ffn`` kernel
-(a matrix product per expert and block of rows, each on the faster CPU library, ``kernels.CPU_MATMUL``).
+(a matrix product per expert and block of rows).
 ``grouped_mm``: gather the rows, ``torch._grouped_mm`` for both projections, then sum each token's gated rows
 back; for token choice every data movement, forward and backward, is a gather (parallel and deterministic on
 GPU).
@@ -42,7 +42,7 @@ def run_experts(x: torch.Tensor, routing: Routing, experts: Experts, dispatch: D
         y = expert_ffn(h, w_in, w_down, token, routing.weight[perm], counts, experts.activation)
         return y.to(x.dtype)
     tail = routing.kept is not None
-    if routing.top_k is None:  # expert choice: a token may sit in any number of rows
+    if routing.mode == "expert_choice":  # a token may sit in any number of rows
         rows = h.index_select(0, token)
     else:
         inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=x.device))
@@ -50,7 +50,7 @@ def run_experts(x: torch.Tensor, routing: Routing, experts: Experts, dispatch: D
     out = grouped_linear(
         activate(grouped_linear(rows, w_in, counts, tail), experts.activation), w_down, counts, tail
     )
-    if routing.top_k is None:
+    if routing.mode == "expert_choice":
         gated = out * routing.weight[perm, None].to(out.dtype)
         return out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, token, gated).to(x.dtype)
     return _WeightedSum.apply(out, routing.weight.view(-1, routing.top_k), inverse, perm).to(x.dtype)

@@ -1,12 +1,5 @@
 """Expert kernels on (token, expert) pairs sorted by expert: each expert runs on one contiguous block of rows.
 
-``mm_t`` / ``linear``: the matrix products of the FFNs, dense and routed. On CPU in fp32 each runs on
-``torch.mm`` (MKL's sgemm on x86) or oneDNN's matmul, whichever measured faster on this machine for its kind
-of product, timed on its first call (``CPU_MATMUL = "auto"``): neither wins everywhere. On an
-AVX-512 AMD EPYC oneDNN ran the expert products 2.0-2.3x faster; on an AVX-512 Intel Xeon it ran the weight
-gradients at half MKL's speed; on an AVX2 AMD EPYC it ran the dense FFN's products up to 1.4x faster and the
-fine-grained experts' weight gradients at half MKL's speed. On CUDA they are ``torch.mm``.
-
 ``expert_ffn``: one fused operator for the whole routed FFN (gather, both projections, activation, and the
 gated sum of each token's rows), forward and backward written out, looping over experts and blocks of rows.
 Besides one ``(pairs, d)`` buffer of expert outputs (of row gradients in the backward) that
@@ -22,11 +15,9 @@ sync): the building block of the ``grouped_mm`` dispatch, fast on CUDA in bf16.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,101 +27,13 @@ import torch.nn.functional as F
 BLOCK_BYTES = 24 << 20
 
 
-# What runs the fp32 CPU products: "torch" (torch.mm), "onednn" (torch.ops.mkldnn), or "auto": the first
-# product of each kind (m, n and k rounded up to powers of two, operand layouts, written in place or added
-# to) is timed on both libraries, in turns, on a copy of its output, and the faster runs every product of
-# that kind from then on (TUNED), so that the same inputs give the same bits within a process. Under
-# torch.use_deterministic_algorithms, "auto" is "torch": two runs (a resumed one too) compute the same bits.
-CPU_MATMUL: Literal["auto", "torch", "onednn"] = "auto"
-TUNED: dict[tuple[int | bool, ...], str] = {}
-TRIALS = 5  # per library; the best counts (the first oneDNN call of a shape builds its kernel)
-
-
-def _onednn_possible(a: torch.Tensor) -> bool:
-    return (
-        a.device.type == "cpu"
-        and a.dtype == torch.float32
-        and a.shape[-1] > 0  # oneDNN refuses an empty inner dimension
-        and torch.backends.mkldnn.is_available()
-        and torch._C._get_mkldnn_enabled()
-    )
-
-
 def mm_t(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, add: bool = False
 ) -> torch.Tensor:
     """``a (m, k) @ b (n, k).T -> (m, n)``, any strides; written into ``out`` (or added to it) when given."""
-    if not _onednn_possible(a):
-        return _mm_t_on("torch", a, b, out, add)
-    if CPU_MATMUL != "auto" or torch.are_deterministic_algorithms_enabled():
-        return _mm_t_on("torch" if CPU_MATMUL == "auto" else CPU_MATMUL, a, b, out, add)
-    m, k, n = (1 << max(size - 1, 0).bit_length() for size in (*a.shape, b.shape[0]))
-    kind = (m, n, k, a.stride(1) == 1, b.stride(1) == 1, out is not None, add)
-    if kind not in TUNED:
-        TUNED[kind] = _faster(a, b, None if out is None else out.clone(), add)
-    return _mm_t_on(TUNED[kind], a, b, out, add)
-
-
-def _faster(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None, add: bool) -> str:
-    best = {"torch": math.inf, "onednn": math.inf}
-    for _ in range(TRIALS):
-        for library in best:
-            start = time.perf_counter()
-            _mm_t_on(library, a, b, scratch, add)
-            best[library] = min(best[library], time.perf_counter() - start)
-    return min(best, key=best.__getitem__)
-
-
-def _mm_t_on(
-    library: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, add: bool
-) -> torch.Tensor:
-    if library == "onednn":
-        product = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-        if out is None:
-            return product
-        return out.add_(product) if add else out.copy_(product)
     if out is None:
         return a @ b.t()
     return out.addmm_(a, b.t()) if add else torch.mm(a, b.t(), out=out)
-
-
-@torch.library.custom_op("multimoe::linear", mutates_args=())
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return mm_t(x, w)
-
-
-@_linear.register_fake
-def _(x, w):
-    return x.new_empty(x.shape[0], w.shape[0])
-
-
-def _linear_setup(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    x, w = ctx.saved_tensors
-    grad_x = mm_t(grad, w.t()) if ctx.needs_input_grad[0] else None
-    grad_w = mm_t(grad.t(), x.t()) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w
-
-
-_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)`` without bias, x (..., k), w (n, k); on CPU in fp32 through ``mm_t``, forward and
-    backward. Compiled, with ``CPU_MATMUL = "torch"``, or under autocast (whose bf16 products already run on
-    oneDNN), it is ``F.linear``."""
-    if (
-        torch.compiler.is_compiling()
-        or CPU_MATMUL == "torch"
-        or not _onednn_possible(x)
-        or torch.is_autocast_enabled("cpu")
-        or x.shape[:-1].numel() == 0
-    ):
-        return F.linear(x, w)
-    return _linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:

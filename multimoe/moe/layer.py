@@ -67,7 +67,7 @@ class MoELayer(nn.Module):
     def _stats(self, routing: Routing, modality_ids: torch.Tensor) -> RouterStats:
         allowed = self.router.allowed
         zero = routing.probs.new_zeros(())
-        if routing.top_k is None:  # expert choice: the chosen pairs are the kept ones
+        if routing.mode == "expert_choice":  # the chosen pairs are the kept ones
             assert routing.kept is not None
             chosen = routing.kept.long()
             taken = zero.new_zeros(modality_ids.shape[0]).index_add_(0, routing.token, chosen.float())

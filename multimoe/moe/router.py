@@ -9,30 +9,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from multimoe.config import RouterKind
-from multimoe.moe.kernels import linear
+
+RoutingMode = Literal["token_choice", "expert_choice"]
 
 
 @dataclass
 class Routing:
-    """Router decisions for ``T`` tokens over ``E`` experts, as ``S`` (token, expert) pairs; gates in fp32."""
+    """Router decisions for ``T`` tokens over ``E`` experts, as ``S`` (token, expert) pairs; gates in fp32.
 
+    ``token_choice``: pair ``t*k + j`` is token ``t``'s ``j``-th choice (``S = T*k``). ``expert_choice``: the
+    pairs are each expert's ``C`` slots in turn, and a token may sit in any number of them (or none)."""
+
+    mode: RoutingMode
     logits: torch.Tensor  # (T, E), -inf where the token's modality may not go
     probs: torch.Tensor  # (T, E), softmax over the allowed experts
     token: torch.Tensor  # (S,) token of each pair
     expert: torch.Tensor  # (S,) expert of each pair
     weight: torch.Tensor  # (S,) gate that scales the expert's output
     kept: torch.Tensor | None  # (S,) False where a pair overflowed its expert's capacity; None: dropless
-    top_k: int | None  # token choice: pair t*k + j is token t's j-th choice (S = T*k); None: expert choice
+    top_k: int  # experts per token (expert choice: on average, which sets the capacity)
 
     @property
     def expert_idx(self) -> torch.Tensor:
         """Token choice only: ``(T, k)`` chosen experts, before any capacity drop."""
-        assert self.top_k is not None, "expert-choice routing has no fixed number of experts per token"
+        assert self.mode == "token_choice", "expert-choice routing has no fixed number of experts per token"
         return self.expert.view(-1, self.top_k)
 
 
@@ -85,7 +92,7 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = linear(h, self.proj.weight.float())  # (T, E)
+            logits = F.linear(h, self.proj.weight.float())  # (T, E)
         allowed = self.allowed[modality_ids]  # (T, E)
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = logits.softmax(dim=-1)
@@ -104,7 +111,8 @@ class Router(nn.Module):
             priority = weights.amax(dim=-1) if self.batch_priority else None
             kept = within_capacity(expert_idx, capacity, priority)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        return Routing(logits, probs, tokens, expert_idx.flatten(), weights.flatten(), kept, self.top_k)
+        pairs = (tokens, expert_idx.flatten(), weights.flatten(), kept)
+        return Routing("token_choice", logits, probs, *pairs, self.top_k)
 
     def _expert_choice(
         self,
@@ -126,7 +134,8 @@ class Router(nn.Module):
         kept = (top.values >= 0) & (rank[None, :] < capacity[:, None])  # (E, C)
         experts = torch.arange(num_experts, device=probs.device).repeat_interleave(slots)
         weight = top.values.clamp_min(0.0).flatten()
-        return Routing(logits, probs, top.indices.flatten(), experts, weight, kept.flatten(), None)
+        pairs = (top.indices.flatten(), experts, weight, kept.flatten())
+        return Routing("expert_choice", logits, probs, *pairs, self.top_k)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Classify and caption one sample given as files on the command line:
 
-    python -m multimoe.infer CHECKPOINT [--image a.png] [--audio b.wav] [--text "four"] [--strategy beam ...]
+    python -m multimoe.tools.infer CHECKPOINT [--image a.png] [--audio b.wav] [--text "four"] [--strategy ...]
 
 Prints one JSON object: the predicted label and its probability, and the generated caption. Any
 ``GenerationConfig`` field is an option (``--strategy``, ``--num_beams``, ``--top_p``, ...).
@@ -27,26 +27,27 @@ def infer(
     text: str | None = None,
     generation: GenerationConfig | None = None,
 ) -> dict[str, Any]:
-    """``{"label", "probability", "caption"}`` (as the model has those heads) for one sample."""
+    """``{"label", "probability", "caption"}`` (as the model has those heads) for one sample; ``checkpoint``
+    is a ``.ckpt`` written by ``train.py`` or a saved model folder."""
     from multimoe.data.collate import Collator
     from multimoe.data.dataset import IGNORE_INDEX, Sample
-    from multimoe.data.processors import AudioProcessor, ImageProcessor, TextProcessor
-    from multimoe.lit_module import MultiMoEModule
+    from multimoe.data.processors import AudioProcessor, ImageProcessor
+    from multimoe.model import MultiMoE
 
     files = {"image": image, "audio": audio}
     for name, path in files.items():
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"--{name} {path}: file not found")
-    module = MultiMoEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    config = module.config
+    if text is not None and not text.strip():
+        raise ValueError(f"--text: expected non-empty text, got {text!r}")
+    model = MultiMoE.from_pretrained(checkpoint).eval()
+    config = model.config
     given = {name for name, value in (*files.items(), ("text", text)) if value is not None}
     if not given & set(config.modalities):
         raise ValueError(f"give at least one of the model's inputs: --{', --'.join(config.modalities)}")
     if unused := given - set(config.modalities):
         raise ValueError(f"this model reads no {', '.join(sorted(unused))}")
-    if generation is not None:
-        module.generation = generation
-    assert module.words is not None
+    assert model.words is not None
     sample = Sample(
         id="cli",
         text=text,
@@ -56,12 +57,8 @@ def infer(
         caption_ids=None,
         references=[],
     )
-    text_processor = TextProcessor(config.text, module.words) if "text" in config.modalities else None
-    batch = Collator(text_processor, module.words.pad_id)([sample])
-    with torch.no_grad():
-        row = module.predict_step(batch, 0)[0]
-    del row["id"]
-    return row
+    batch = Collator.for_model(config, model.words)([sample])
+    return model.predict(batch.inputs, generation)[0]
 
 
 def _load(processor: Any, path: str | Path, name: str) -> torch.Tensor:
@@ -72,8 +69,10 @@ def _load(processor: Any, path: str | Path, name: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m multimoe.infer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a .ckpt written by train.py")
+    parser = argparse.ArgumentParser(
+        prog="python -m multimoe.tools.infer", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by train.py, or a saved model folder")
     parser.add_argument("--image", help="an image file (png, jpg, ...)")
     parser.add_argument("--audio", help="an audio file (wav, flac, ...), any sample rate")
     parser.add_argument("--text", help="the text input")

@@ -17,10 +17,17 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from multimoe.config import GenerationConfig, MultiMoEConfig
 from multimoe.data.collate import Batch
 from multimoe.data.dataset import IGNORE_INDEX
-from multimoe.data.tokenizer import WordTokenizer
-from multimoe.metrics import caption_metrics, classification_report
 from multimoe.modality import Modality
 from multimoe.model import MultiMoE, MultiMoEOutput, build_model
+from multimoe.training.metrics import caption_metrics, classification_report
+
+# logged name -> RouterStats field, averaged over the MoE layers
+ROUTER_LOGS = {
+    "load_balance": "load_balance_loss",
+    "router_z": "z_loss",
+    "router_entropy": "entropy",
+    "dropped": "dropped_fraction",
+}
 
 
 class MultiMoEModule(L.LightningModule):
@@ -48,8 +55,7 @@ class MultiMoEModule(L.LightningModule):
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
             config = MultiMoEConfig.from_dict(config)
         self.labels = list(labels or [])
-        self.words = WordTokenizer(list(vocab)) if vocab else None
-        self.config = _sized(config or MultiMoEConfig(), len(self.labels), len(self.words or []))
+        self.config = _sized(config or MultiMoEConfig(), len(self.labels), len(vocab or []))
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.caption_loss_weight = caption_loss_weight
         # Not a saved hyper-parameter: the CLI applies a checkpoint's over the command line's, and how to
@@ -64,6 +70,7 @@ class MultiMoEModule(L.LightningModule):
             }
         )
         self.model: MultiMoE = build_model(self.config, self.labels, vocab)
+        self.words = self.model.words
         num_classes = max(len(self.labels), 2)
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
@@ -159,7 +166,7 @@ class MultiMoEModule(L.LightningModule):
             self._eval_captions(stage, batch)
 
     def _eval_captions(self, stage: str, batch: Batch) -> None:
-        captions = self.generate_captions(batch)
+        captions = self.model.generate(batch.inputs, self.generation)
         have = [i for i, refs in enumerate(batch.references) if refs]
         assert self.words is not None
         refs = [[self.words.normalize(r) for r in batch.references[i]] for i in have]
@@ -174,22 +181,8 @@ class MultiMoEModule(L.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         if len(batch) == 0:
             return []
-        out = self(batch)
-        rows: list[dict[str, Any]] = [{"id": i} for i in batch.ids]
-        if out.class_logits is not None:
-            probs = out.class_logits.float().softmax(dim=-1)
-            prob, index = probs.max(dim=-1)
-            for row, p, k in zip(rows, prob.tolist(), index.tolist(), strict=True):
-                row |= {"label": self.labels[k], "probability": round(p, 6)}
-        if self.model.captioner is not None:
-            for row, caption in zip(rows, self.generate_captions(batch), strict=True):
-                row["caption"] = caption
-        return rows
-
-    def generate_captions(self, batch: Batch) -> list[str]:
-        assert self.words is not None
-        ids = self.model.generate(batch.inputs, self.words.bos_id, self.words.eos_id, self.generation)
-        return [self.words.decode(seq) for seq in ids.tolist()]
+        rows = self.model.predict(batch.inputs, self.generation)
+        return [{"id": i} | row for i, row in zip(batch.ids, rows, strict=True)]
 
     # ---- logging -----------------------------------------------------------------------------------------
     def _count_skipped(self, stage: str, batch: Batch) -> bool:
@@ -216,44 +209,20 @@ class MultiMoEModule(L.LightningModule):
     def _log_losses(
         self, stage: str, losses: dict[str, torch.Tensor], out: MultiMoEOutput, size: int
     ) -> None:
+        values = {
+            f"{stage}/{name}_loss" if name != "loss" else f"{stage}/loss": v for name, v in losses.items()
+        }
+        if stats := out.router_stats:  # means over the MoE layers
+            for name, field in ROUTER_LOGS.items():
+                values[f"{stage}/{name}"] = sum(getattr(s, field) for s in stats) / len(stats)
         on_step = stage == "train"
-        for name, value in losses.items():
+        for name, value in values.items():
             self.log(
-                f"{stage}/{name}_loss" if name != "loss" else f"{stage}/loss",
+                name,
                 value,
                 on_step=on_step,
                 on_epoch=not on_step,
-                prog_bar=name == "loss",
-                batch_size=size,
-            )
-        if out.router_stats:
-            n = len(out.router_stats)
-            self.log(
-                f"{stage}/load_balance",
-                sum(s.load_balance_loss for s in out.router_stats) / n,
-                on_step=on_step,
-                on_epoch=not on_step,
-                batch_size=size,
-            )
-            self.log(
-                f"{stage}/router_z",
-                sum(s.z_loss for s in out.router_stats) / n,
-                on_step=on_step,
-                on_epoch=not on_step,
-                batch_size=size,
-            )
-            self.log(
-                f"{stage}/router_entropy",
-                sum(s.entropy for s in out.router_stats) / n,
-                on_step=on_step,
-                on_epoch=not on_step,
-                batch_size=size,
-            )
-            self.log(
-                f"{stage}/dropped",
-                sum(s.dropped_fraction for s in out.router_stats) / n,
-                on_step=on_step,
-                on_epoch=not on_step,
+                prog_bar=name == f"{stage}/loss",
                 batch_size=size,
             )
 
@@ -291,7 +260,7 @@ class MultiMoEModule(L.LightningModule):
         for (layer, modality, expert), share in self.routing_shares.items():
             self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)
         if self.routing and isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking:
-            from multimoe.analysis import share_heatmap  # matplotlib, only when drawing
+            from multimoe.tools.figures import share_heatmap  # matplotlib, only when drawing
 
             allowed = [layer.router.allowed for layer in self.model.moe_layers()]
             figure = share_heatmap(self.routing, allowed, self.config.modalities)
@@ -304,6 +273,18 @@ class MultiMoEModule(L.LightningModule):
                     "or set moe.bias_update_rate"
                 )
         self.routing = []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint taken after an epoch's last batch (at its validation) resumes into the next epoch: its
+        train accuracy starts from zero there, as the uninterrupted run's does."""
+        loop = self.trainer.fit_loop.epoch_loop
+        if (
+            loop.batch_progress.current.ready >= self.trainer.num_training_batches
+            or loop.batch_progress.is_last_batch
+        ):
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("metrics.train_acc.")]:
+                state[key] = torch.zeros_like(state[key])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints from before the train accuracy was saved load with a fresh one."""

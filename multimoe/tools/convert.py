@@ -1,7 +1,7 @@
 """Convert a Lightning checkpoint from ``train.py`` into a saved model folder (config.json, model.safetensors
 and any backbone files), or export one of its encoders alone:
 
-    python -m multimoe.convert CHECKPOINT OUT_DIR [--encoder text|image|audio]
+    python -m multimoe.tools.convert CHECKPOINT OUT_DIR [--encoder text|image|audio]
 
 Load the result with ``MultiMoE.from_pretrained(OUT_DIR)``, or an exported encoder with
 ``ImageEncoder.from_pretrained(OUT_DIR)`` (likewise text and audio). Rebuilding the model here fetches a
@@ -18,10 +18,10 @@ from multimoe.config import MODALITY_NAMES
 
 def convert(checkpoint: str | Path, out: str | Path, encoder: str | None = None) -> Path:
     """Write the checkpoint's model (or only its ``encoder``) to ``out`` with ``save_pretrained``."""
-    from multimoe.lit_module import MultiMoEModule
+    from multimoe.model import MultiMoE
     from multimoe.pretrained import Pretrained
 
-    model = MultiMoEModule.load_from_checkpoint(checkpoint, map_location="cpu").model
+    model = MultiMoE.from_checkpoint(checkpoint)
     part: Pretrained = model
     if encoder is not None:
         if encoder not in model.encoders:
@@ -33,7 +33,7 @@ def convert(checkpoint: str | Path, out: str | Path, encoder: str | None = None)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m multimoe.convert",
+        prog="python -m multimoe.tools.convert",
         description="Convert a train.py checkpoint to a save_pretrained folder (safetensors + config.json).",
     )
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")

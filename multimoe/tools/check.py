@@ -1,4 +1,4 @@
-"""Check manifests before training: ``python -m multimoe.data.check <manifest> [...] [--labels SOURCE]``.
+"""Check manifests before training: ``python -m multimoe.tools.check <manifest> [...] [--labels SOURCE]``.
 
 Reports every bad row at once, one line each (``<manifest>:<line>: field '<name>': <what>``): bad JSON or
 CSV, wrong types, empty text, unknown fields, duplicate ids, missing files, images and audio that do not
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from multimoe.data.files import decode_problem
-from multimoe.data.manifest import ManifestError, label_set, read_manifest, scan_manifest
+from multimoe.data.manifest import FILE_FIELDS, ManifestError, label_set, read_manifest, scan_manifest
+from multimoe.pretrained import CheckpointError, read_checkpoint, saved_form
 
 
 def check_manifest(path: str | Path, labels: list[str] | None = None) -> tuple[int, list[ManifestError]]:
@@ -23,7 +24,7 @@ def check_manifest(path: str | Path, labels: list[str] | None = None) -> tuple[i
     count = len(rows) + len(errors)
     decoded: dict[tuple[str, Path], str | None] = {}
     for row in rows:
-        for name in ("image", "audio"):
+        for name in FILE_FIELDS:
             file = getattr(row, name)
             if file is None:
                 continue
@@ -42,17 +43,17 @@ def load_labels(source: str) -> list[str]:
     if path.is_dir():
         return list(json.loads((path / "config.json").read_text())["labels"])
     if path.suffix == ".ckpt":
-        import torch
-
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        return list(checkpoint["hyper_parameters"]["labels"])
+        saved, _ = saved_form(read_checkpoint(path), path)
+        return list(saved["labels"])
     if path.is_file():
         return label_set(read_manifest(path))
     return [name.strip() for name in source.split(",") if name.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multimoe.data.check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m multimoe.tools.check", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("manifests", nargs="+", help="JSONL or CSV manifests")
     parser.add_argument(
         "--labels",
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(error)
             print(f"{manifest}: {count} rows, {len(errors)} bad", file=sys.stderr)
             bad += len(errors)
-    except (FileNotFoundError, ManifestError, KeyError) as error:
+    except (FileNotFoundError, ManifestError, CheckpointError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 1 if bad else 0

@@ -1,5 +1,6 @@
-"""Callbacks of the training system that make runs survive faults: frequent ``last.ckpt`` saves, randomness
-that a resumed run reproduces, and a guard against non-finite losses and gradients."""
+"""Callbacks of the training system: frequent ``last.ckpt`` saves, randomness that a resumed run reproduces,
+a guard against non-finite losses and gradients, and the fine-tuning ones (frozen parts stay in eval mode,
+grown experts join the routing gradually)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from multimoe.surgery import NewExpert
 
 
 class Checkpoint(ModelCheckpoint):
@@ -105,3 +109,42 @@ class NonFiniteGuard(Callback):
         print(f"warning: {message}; step skipped", flush=True)
         self.skipped.append(trainer.global_step)
         optimizer.zero_grad(set_to_none=True)
+
+
+class KeepFrozen(Callback):
+    """Frozen modules stay in eval mode in training (batch-norm statistics, dropout, SpecAugment)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        for module in self.modules:
+            module.eval()
+
+
+class GrowIn(Callback):
+    """Raises each new expert's selection bias from its start to the mean of its modality's other experts
+    over ``steps`` training steps, so the grown model moves away from the checkpoint's function gradually.
+    The steps done travel in the checkpoint: a resumed run goes on with the ramp where it was."""
+
+    def __init__(self, experts: list[NewExpert], steps: int) -> None:
+        self.experts, self.steps, self.done = experts, steps, 0
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.done >= self.steps:
+            return
+        self.done += 1
+        for new in self.experts:
+            bias = new.router.bias
+            assert bias is not None
+            others = new.router.allowed[new.modality].clone()
+            others[[e.expert for e in self.experts if e.router is new.router]] = False
+            target = float(bias[new.modality][others].mean())
+            bias[new.modality, new.expert] = new.start + (target - new.start) * self.done / self.steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = state_dict["done"]

@@ -15,15 +15,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from multimoe import finetune
-from multimoe.callbacks import Checkpoint, NonFiniteError, NonFiniteGuard, SeedEveryStep
-from multimoe.checkpoint_io import AtomicCheckpointIO
 from multimoe.config import ConfigError
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError
-from multimoe.finetune import FinetuneConfig
-from multimoe.lit_module import MultiMoEModule
-from multimoe.metrics import meteor_score
+from multimoe.pretrained import CheckpointError, read_checkpoint, saved_form
+from multimoe.training import finetune
+from multimoe.training.callbacks import Checkpoint, NonFiniteError, NonFiniteGuard, SeedEveryStep
+from multimoe.training.checkpoint_io import AtomicCheckpointIO
+from multimoe.training.finetune import FinetuneConfig
+from multimoe.training.metrics import meteor_score
+from multimoe.training.module import MultiMoEModule
 
 
 class MultiMoECLI(LightningCLI):
@@ -65,7 +66,11 @@ class MultiMoECLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self.base = finetune.prepare(config, self.subcommand)
+        self.base = None
+        if self.subcommand == "fit":
+            self.base = finetune.prepare(config)
+        elif self.subcommand in EVALUATE:
+            evaluate_only(config, self.subcommand)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -83,12 +88,13 @@ class MultiMoECLI(LightningCLI):
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
             metrics |= _scalars(results[0]) if results else {}
             self._write_metrics(metrics, best)
-        self._summary(metrics, best, getattr(checkpoint, "last_model_path", None))
+        paths = {"best checkpoint": best, "last checkpoint": getattr(checkpoint, "last_model_path", None)}
+        self._summary(metrics, paths)
 
     def after_test(self) -> None:
         metrics = _scalars(self.trainer.callback_metrics)
         self._write_metrics(metrics, str(self.trainer.ckpt_path or "") or None)
-        self._summary(metrics, self.config_init["test"].get("ckpt_path"), None)
+        self._summary(metrics, {"checkpoint": self.config_init["test"].get("ckpt_path")})
 
     def _write_metrics(self, metrics: dict[str, float], checkpoint: str | None) -> None:
         """The test metrics as JSON: scalars, the classification report and the caption scores."""
@@ -115,9 +121,8 @@ class MultiMoECLI(LightningCLI):
         print(f"wrote test metrics to {path}")
 
     def after_validate(self) -> None:
-        self._summary(
-            _scalars(self.trainer.callback_metrics), self.config_init["validate"].get("ckpt_path"), None
-        )
+        checkpoint = self.config_init["validate"].get("ckpt_path")
+        self._summary(_scalars(self.trainer.callback_metrics), {"checkpoint": checkpoint})
 
     def after_predict(self) -> None:
         predictions = self.trainer.predict_loop.predictions
@@ -129,18 +134,35 @@ class MultiMoECLI(LightningCLI):
                     f.write(json.dumps(row) + "\n")
         print(f"wrote {sum(len(b) for b in predictions)} predictions to {out}")
 
-    def _summary(self, metrics: dict[str, float], best: str | None, last: str | None) -> None:
+    def _summary(self, metrics: dict[str, float], paths: dict[str, str | None]) -> None:
         if not self.trainer.is_global_zero:
             return
         keys = [k for k in sorted(metrics) if "routing/" not in k and not k.endswith("_step")]
         lines = ["", "=" * 60, "multimoe summary"]
         lines += [f"  {k:<28} {metrics[k]:.4f}" for k in keys]
-        if best:
-            lines.append(f"  best checkpoint: {best}")
-        if last:
-            lines.append(f"  last checkpoint: {last}")
+        lines += [f"  {name}: {path}" for name, path in paths.items() if path]
         lines.append("=" * 60)
         print("\n".join(lines))
+
+
+EVALUATE = {"validate": "val_manifest", "test": "test_manifest", "predict": "predict_manifest"}
+
+
+def evaluate_only(cfg: Any, subcommand: str) -> None:
+    """``validate``, ``test`` and ``predict`` read only the manifest they evaluate (``predict`` falls back to
+    the test manifest). With a ``--ckpt_path`` file they build the model that checkpoint holds (a fine-tuned
+    one, say) whatever the YAML says, with its labels and vocabulary, and never read the training manifest."""
+    if subcommand == "predict":
+        cfg.data.predict_manifest = cfg.data.predict_manifest or cfg.data.test_manifest
+    for stage, key in EVALUATE.items():
+        if stage != subcommand:
+            cfg.data[key] = None
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and Path(ckpt_path).is_file():
+        saved, _ = saved_form(read_checkpoint(ckpt_path), ckpt_path)
+        finetune.set_model_config(cfg, saved["config"], saved["vocab"])
+        cfg.data.base_labels = saved["labels"]
+        cfg.data.train_manifest = None
 
 
 class SaveOnCrash(Callback):
@@ -171,7 +193,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"callbacks": [SeedEveryStep()]},
             args=args,
         )
-    except (ManifestError, ConfigError, FileNotFoundError, NonFiniteError) as error:
+    except (ManifestError, ConfigError, CheckpointError, FileNotFoundError, NonFiniteError) as error:
         # From a DataLoader worker the message holds the worker's traceback; its last line is the error.
         message = (
             str(error).strip().splitlines()[-1].removeprefix(f"{ManifestError.__module__}.ManifestError: ")
