@@ -256,6 +256,13 @@ class MoEConfig:
             "must be 0 when experts_per_modality=0 (lower MoE blocks would have no experts at all)",
         )
         _positive(self, "top_k", "expert_d_ff")
+        most = self.experts_per_modality + self.cross_modal_experts
+        _check(
+            self.top_k <= most,
+            "MoEConfig.top_k",
+            f"is {self.top_k}, but a modality may use at most {most} experts "
+            f"(experts_per_modality + cross_modal_experts)",
+        )
         _one_of(self, "router", ("mixtral", "switch", "expert_choice"))
         _one_of(self, "expert_activation", ("swiglu", "relu", "gelu"))
         _one_of(self, "dispatch", ("auto", "sorted", "grouped_mm", "reference"))

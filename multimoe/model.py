@@ -3,6 +3,7 @@ that knows the concrete classes."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -234,6 +235,12 @@ def _ffn(config: MultiMoEConfig, index: int, modalities: list[Modality]) -> MLP 
     )
     shared = MLP(d, moe.expert_d_ff * moe.shared_experts) if moe.shared_experts > 0 else None
     top_k = min(moe.top_k, moe.experts_per_modality + moe.num_cross_experts(index))
+    if top_k < moe.top_k:
+        warnings.warn(
+            f"MoE block {index} (below moe.cross_modal_from_layer={moe.cross_modal_from_layer}): a modality "
+            f"may use {top_k} experts there, fewer than top_k={moe.top_k}, so its tokens use all {top_k}",
+            stacklevel=3,
+        )
     router = Router(
         d,
         allowed,

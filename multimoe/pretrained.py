@@ -102,11 +102,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: (GLOBAL )?(\S+)", str(error))
-        what = f"it would import {found.group(2)}" if found else _first_line(error)
-        raise CheckpointError(
-            f"{path}: refused: {what}; a checkpoint holds only tensors and plain values"
-        ) from None
+        found = re.search(r"Unsupported global: (?:GLOBAL )?(\S+)", str(error))
+        if found:
+            what = f"it would import {found.group(1)}; a checkpoint holds only tensors and plain values"
+            raise CheckpointError(f"{path}: refused: {what}") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = detail.group(1).strip() if detail else _first_line(error)
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
     if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(checkpoint):

@@ -147,6 +147,8 @@ def test_evaluation_needs_only_the_checkpoint_and_the_data_it_evaluates(
         test = run("test", *common, f"--metrics_file={metrics}")
         assert test.returncode == 0, test.stderr[-3000:]
         assert json.loads(metrics.read_text())["classification"]["labels"] == ["big", "small"]
+        if train_manifest != str(train):
+            continue
         predict = run("predict", *common, f"--trainer.default_root_dir={tmp_path}")
         assert predict.returncode == 0, predict.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

@@ -56,6 +56,10 @@ class MultiModalDataModule(L.LightningDataModule):
         base_labels: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ConfigError(
+                f"data: batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}"
+            )
         self.config = config or MultiMoEConfig()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -119,20 +123,25 @@ class MultiModalDataModule(L.LightningDataModule):
         loader = self._loader("fit", ResumableLoader, sampler=sampler)
         self.train_loader = cast(ResumableLoader[Batch], loader)
         if self.train_position:
-            self.train_loader.load_state_dict(self.train_position)
+            self.train_loader.seek(self.train_position)
             self.train_position = None
         return self.train_loader
 
-    # Lightning 2.6 would restore a stateful train loader itself, but only if configure_optimizers does
-    # not read trainer.estimated_stepping_batches (which builds the loader before the checkpoint is read);
-    # ours does, so the data position travels in the datamodule's own checkpoint state.
+    # The data position travels in the datamodule's own checkpoint state. (Lightning 2.6 restores a stateful
+    # train loader itself only if configure_optimizers does not read trainer.estimated_stepping_batches, which
+    # builds the loader before the checkpoint is read; ours does.)
     def state_dict(self) -> dict[str, Any]:
-        return {"train_position": self.train_loader.state_dict()} if self.train_loader else {}
+        if self.train_loader is None or self.trainer is None:
+            return {}
+        # batches whose training step finished (a checkpoint inside on_train_batch_end counts its own batch)
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker
+        trained = progress.processed  # type: ignore[attr-defined]
+        return {"train_position": self.train_loader.position(trained)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_position = state.get("train_position")
         if self.train_position and self.train_loader:
-            self.train_loader.load_state_dict(self.train_position)
+            self.train_loader.seek(self.train_position)
             self.train_position = None
 
     def val_dataloader(self) -> DataLoader[Batch]:

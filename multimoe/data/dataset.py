@@ -88,6 +88,12 @@ class ManifestDataset(Dataset[Sample | None]):
         for row in rows:
             if not any(getattr(row, m) is not None for m in modalities):
                 raise row.error("<row>", f"has none of the modalities this model reads: {sorted(modalities)}")
+        for m in set(MODALITY_NAMES) - set(modalities):
+            if count := sum(getattr(row, m) is not None for row in rows):
+                warnings.warn(
+                    f"{rows[0].source}: {count} rows hold {m}, which this model does not read (left out)",
+                    stacklevel=2,
+                )
         self.modalities = [m for m in MODALITY_NAMES if m in modalities and m not in self.sampling.drop]
         self.rows = [r for r in rows if any(getattr(r, m) is not None for m in self.modalities)]
         if len(self.rows) < len(rows):

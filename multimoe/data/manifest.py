@@ -10,7 +10,10 @@ Every problem is reported as ``<manifest>:<line>: field '<name>': <what is wrong
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,7 +71,7 @@ def read_manifest(
             stacklevel=2,
         )
     if not rows:
-        raise ManifestError.at(path, 1, "id", "the manifest has no rows")
+        raise ManifestError.at(path, 1, "<row>", "no good rows left")
     return rows
 
 
@@ -78,8 +81,8 @@ def scan_manifest(
     """Parse every row and check it: types, files exist and their headers read, ids unique, and, when
     ``labels`` is given, labels in that set. Returns the good rows and one error per bad row."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+    if (problem := path_problem(path)) is not None:
+        raise FileNotFoundError(f"manifest {path}: {problem}")
     rows: list[ManifestRow] = []
     errors: list[ManifestError] = []
     seen: dict[str, int] = {}
@@ -107,54 +110,138 @@ def scan_manifest(
             continue
         seen[row.id] = line_no
         rows.append(row)
+    if not rows and not errors:
+        errors.append(ManifestError.at(path, 1, "<row>", "the manifest has no rows"))
     return rows, errors
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any] | ManifestError]]:
-    """``(line, field values)`` per row of a JSONL or CSV file, or the error that row's syntax gives."""
-    with path.open(encoding="utf-8", newline="") as f:
-        if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(f)
-            unknown = sorted(set(reader.fieldnames or []) - set(FIELDS))
-            if unknown:
-                yield (
-                    1,
-                    ManifestError.at(path, 1, unknown[0], f"unknown column; allowed: {', '.join(FIELDS)}"),
-                )
-                return
-            for record in reader:
-                if None in record:
-                    yield (
-                        reader.line_num,
-                        ManifestError.at(path, reader.line_num, "<row>", "more cells than columns"),
-                    )
-                    continue
-                values = {k: v for k, v in record.items() if v not in (None, "")}
-                if "caption" in values:
-                    values["caption"] = values["caption"].split(CAPTION_SEPARATOR)
-                if values:
-                    yield reader.line_num, values
+    """``(line, field values)`` per row of a JSONL or CSV file (UTF-8, with or without a byte-order mark), or
+    the error that row's syntax gives."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        yield line, ManifestError.at(path, line, "<row>", f"not UTF-8 text (byte {data[error.start]:#04x})")
+        return
+    if path.suffix.lower() == ".csv":
+        yield from _csv_records(path, text)
+    else:
+        yield from _jsonl_records(path, text)
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any] | ManifestError]]:
+    """A header of known, distinct columns, then rows of exactly as many cells. A cell never holds a line
+    break: a quote left open would otherwise swallow the rows after it."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        return
+    names = [name.strip() for name in header]
+    unknown = [name for name in names if name not in FIELDS]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if unknown or twice or reader.line_num > 1:
+        problem = (
+            f"unknown column; allowed: {', '.join(FIELDS)}"
+            if unknown
+            else "the header spans several lines (a quote left open?)"
+            if reader.line_num > 1
+            else "the column appears twice in the header"
+        )
+        yield 1, ManifestError.at(path, 1, (unknown or twice or ["<header>"])[0], problem)
+        return
+    line = 1
+    while True:
+        start = line + 1
+        try:
+            cells = next(reader, None)
+        except csv.Error as error:
+            yield start, ManifestError.at(path, start, "<row>", f"not valid CSV ({error})")
             return
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        if cells is None:
+            return
+        line = reader.line_num
+        if line > start:
+            yield (
+                start,
+                ManifestError.at(
+                    path, start, "<row>", f"a quoted cell runs over lines {start}-{line} (a quote left open?)"
+                ),
+            )
+            continue
+        if not any(cell.strip() for cell in cells):
+            continue  # a blank line
+        if len(cells) != len(names):
+            yield (
+                start,
+                ManifestError.at(
+                    path, start, "<row>", f"{len(cells)} cells, but the header has {len(names)} columns"
+                ),
+            )
+            continue
+        values: dict[str, Any] = {k: v for k, v in zip(names, cells, strict=True) if v != ""}
+        if "caption" in values:
+            values["caption"] = values["caption"].split(CAPTION_SEPARATOR)
+        yield start, values
+
+
+def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any] | ManifestError]]:
+    if text.lstrip().startswith("["):
+        yield 1, ManifestError.at(path, 1, "<row>", "a JSON array: a manifest holds one JSON object per line")
+        return
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj: Any = json.loads(line, object_pairs_hook=_no_repeated_keys)
+        except json.JSONDecodeError as e:
+            yield (
+                line_no,
+                ManifestError.at(path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"),
+            )
+            continue
+        except _RepeatedKey as e:
+            yield line_no, ManifestError.at(path, line_no, str(e), "the field appears twice in the row")
+            continue
+        if not isinstance(obj, dict):
+            problem = f"expected a JSON object, got {type(obj).__name__}"
+            yield line_no, ManifestError.at(path, line_no, "<row>", problem)
+            continue
+        yield line_no, obj
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _RepeatedKey(key)
+    return dict(pairs)
+
+
+def path_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable file (``None`` if it is): missing, a folder, a broken symlink or a
+    symlink loop, each named as what it is."""
+    try:
+        if path.is_file():
+            return None
+        if path.is_dir():
+            return "a folder, not a file"
+        if path.is_symlink():
             try:
-                obj: Any = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield (
-                    line_no,
-                    ManifestError.at(path, line_no, "<row>", f"not valid JSON ({e.msg} at column {e.colno})"),
-                )
-                continue
-            if not isinstance(obj, dict):
-                yield (
-                    line_no,
-                    ManifestError.at(
-                        path, line_no, "<row>", f"expected a JSON object, got {type(obj).__name__}"
-                    ),
-                )
-                continue
-            yield line_no, obj
+                os.stat(path)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    return "a symlink loop"
+            return f"a broken symlink (to {os.readlink(path)})"
+    except OSError as error:  # ELOOP and the like
+        return f"cannot be opened ({error.strerror or error})"
+    hint = " (a Windows path? use /)" if "\\" in str(path) else ""
+    return f"file not found{hint}"
 
 
 def parse_row(obj: dict[str, Any] | ManifestError, path: Path, line_no: int) -> ManifestRow:
@@ -183,6 +270,8 @@ def parse_row(obj: dict[str, Any] | ManifestError, path: Path, line_no: int) -> 
         not isinstance(label, str | int) or isinstance(label, bool) or str(label) == ""
     ):
         raise fail("label", f"expected a class name (string) or integer, got {label!r}")
+    if label is not None and str(label) != str(label).strip():
+        raise fail("label", f"{label!r} has spaces around it (cells written with ', ' between them?)")
     captions = values.get("caption", [])
     captions = [captions] if isinstance(captions, str) else captions
     if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
@@ -194,8 +283,8 @@ def parse_row(obj: dict[str, Any] | ManifestError, path: Path, line_no: int) -> 
         if not isinstance(values[name], str) or not values[name]:
             raise fail(name, f"expected a file path relative to the manifest, got {values[name]!r}")
         file = path.parent / values[name]
-        if not file.is_file():
-            raise fail(name, f"file not found: {file}")
+        if (problem := path_problem(file)) is not None:
+            raise fail(name, f"{problem}: {file}")
         files[name] = file
     return ManifestRow(
         id=str(row_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,30 +81,33 @@ def image_data_config(config: ImageEncoderConfig) -> dict[str, Any]:
 
 
 class AudioProcessor:
-    """Audio file -> mono float waveform ``(T,)`` at the encoder's sample rate, cut at ``max_seconds``."""
+    """Audio file -> mono float waveform ``(T,)`` at the encoder's sample rate, cut at ``max_seconds``. Only
+    the part kept is decoded, so a long recording costs no more than ``max_seconds`` of it."""
 
     def __init__(self, config: AudioEncoderConfig) -> None:
         self.sample_rate = config.sample_rate
+        self.max_seconds = config.max_seconds
         self.max_samples = int(config.max_seconds * config.sample_rate)
 
     def __call__(self, path: Path) -> torch.Tensor:
         import soundfile
         import torchaudio.functional
 
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
+        with soundfile.SoundFile(str(path)) as file:
+            rate, total = file.samplerate, file.frames
+            keep = math.ceil(self.max_seconds * rate)
+            margin = rate // 20  # 50 ms past the cut: resampling sees the same context as in the whole file
+            data = file.read(min(total, keep + margin), dtype="float32", always_2d=True)  # (T, channels)
         if data.shape[0] == 0:
             raise ValueError("the audio file holds no samples")
+        if not np.isfinite(data).all():
+            raise ValueError("the audio holds NaN or infinite samples")
+        if total > keep:
+            warnings.warn(f"{path}: {total / rate:.2f} s cut to max_seconds={self.max_seconds}", stacklevel=2)
         waveform = torch.from_numpy(data).mean(dim=1)
         if rate != self.sample_rate:
             waveform = torchaudio.functional.resample(waveform, rate, self.sample_rate)
-        if waveform.shape[0] > self.max_samples:
-            warnings.warn(
-                f"{path}: {waveform.shape[0] / self.sample_rate:.2f} s cut to max_seconds="
-                f"{self.max_samples / self.sample_rate}",
-                stacklevel=2,
-            )
-            waveform = waveform[: self.max_samples]
-        return waveform
+        return waveform[: self.max_samples]
 
 
 def pad_sequences(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

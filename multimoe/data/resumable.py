@@ -1,6 +1,7 @@
-"""A training DataLoader that resumes mid-epoch: Lightning stores its ``state_dict`` in every checkpoint, so a
-run restarted from a checkpoint taken at batch k of an epoch goes on with batch k+1 of the same order, instead
-of replaying the epoch's start (what a plain DataLoader does).
+"""A training DataLoader that resumes mid-epoch: its ``position`` (the epoch and how many of its samples were
+trained) travels in every checkpoint, so a run restarted from a checkpoint taken after batch k of an
+epoch goes on with batch k+1 of the same order, instead of replaying the epoch's start (what a plain
+DataLoader does).
 
 The order of epoch e is a permutation seeded by ``seed + e`` (``DistributedSampler``), independent of the
 process's RNG; each rank takes every ``world_size``-th index of it, which gives one process with batch size
@@ -38,27 +39,23 @@ class ResumableSampler(DistributedSampler[T]):
 
 
 class ResumableLoader(DataLoader[T]):
-    """A DataLoader over a ``ResumableSampler`` that counts the batches it served (Lightning's data fetcher
-    does not read ahead of a loader with a length, so served = trained)."""
+    """A DataLoader over a ``ResumableSampler``."""
 
     sampler: ResumableSampler[T]
 
-    def __iter__(self) -> Iterator[T]:  # type: ignore[override]
-        self._served = 0
-        for batch in super().__iter__():
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
+    def position(self, trained_batches: int) -> dict[str, Any]:
+        """The position after ``trained_batches`` batches of the current epoch (all this rank trained in
+        it, before a resume included): the batches it served but did not train (an interrupted step) are
+        served again."""
         sampler = self.sampler
         if sampler._resume is not None:  # restored, not iterated yet
             epoch, offset = sampler._resume
         else:
-            served = getattr(self, "_served", 0) * cast(int, self.batch_size)
-            epoch, offset = sampler.epoch, sampler.offset + served
+            epoch, offset = sampler.epoch, trained_batches * cast(int, self.batch_size)
         return {"epoch": epoch, "samples": offset * sampler.num_replicas}  # global: survives a new world size
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def seek(self, state: dict[str, Any]) -> None:
+        """Start the epoch of ``state`` at its position (a ``position`` from any number of processes)."""
         replicas = self.sampler.num_replicas
         if state["samples"] % replicas:
             rank_zero_warn(

@@ -31,13 +31,14 @@ def infer(
     is a ``.ckpt`` written by ``train.py`` or a saved model folder."""
     from multimoe.data.collate import Collator
     from multimoe.data.dataset import IGNORE_INDEX, Sample
+    from multimoe.data.manifest import path_problem
     from multimoe.data.processors import AudioProcessor, ImageProcessor
     from multimoe.model import MultiMoE
 
     files = {"image": image, "audio": audio}
     for name, path in files.items():
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name} {path}: file not found")
+        if path is not None and (problem := path_problem(Path(path))) is not None:
+            raise FileNotFoundError(f"--{name} {path}: {problem}")
     if text is not None and not text.strip():
         raise ValueError(f"--text: expected non-empty text, got {text!r}")
     model = MultiMoE.from_pretrained(checkpoint).eval()

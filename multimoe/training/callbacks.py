@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
+from multimoe.pretrained import CheckpointError
 from multimoe.surgery import NewExpert
 
 
@@ -25,6 +30,23 @@ class Checkpoint(ModelCheckpoint):
     def __init__(self, *args: Any, last_every_n_steps: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_every_n_steps = last_every_n_steps
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the first step of ``fit``: the checkpoint folder must take a file, or the run stops here
+        with one line instead of at its first save."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or not trainer.is_global_zero or self.dirpath is None or "://" in str(self.dirpath):
+            return
+        folder = Path(self.dirpath)
+        probe = folder / f".write-test.{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise CheckpointError(
+                f"checkpoint folder {folder}: cannot write there ({error.strerror or error})"
+            ) from None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -37,6 +59,49 @@ class Checkpoint(ModelCheckpoint):
         saved = self._last_global_step_saved
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = saved  # a best-model save after validation at this step still runs
+
+
+class StopAtStepEnd(Callback):
+    """Ctrl-C (SIGINT) during ``fit`` stops the run at the next step boundary, on every rank, not in the
+    middle of a step, so that the crash checkpoint holds exactly the state after the last finished step
+    (weights, optimizer, data position and step count agree). A second Ctrl-C stops at once. (Lightning
+    handles SIGTERM the same way itself.)"""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {
+                sig: signal.signal(sig, self._receive) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+
+    def _receive(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self._restore()  # the next one acts at once
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after the current step", file=sys.stderr, flush=True
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            raise KeyboardInterrupt("SIGINT")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+        if self.received is not None:  # came during the last validation: the run is done, say it stopped
+            raise KeyboardInterrupt("SIGINT")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 class SeedEveryStep(Callback):

@@ -1,4 +1,5 @@
-"""Checkpoint files that are either the old one or the new one, never half of either.
+"""Checkpoint files that are either the old one or the new one, never half of either, and that are read as
+data only (``multimoe.pretrained.read_checkpoint``: ``weights_only=True``, one-line errors).
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction: into a file in the system temp
 folder, then ``shutil.move`` onto the target. That is a rename (atomic) only when the temp folder shares the
@@ -17,9 +18,19 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from multimoe.pretrained import read_checkpoint
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are atomic (remote paths keep Lightning's own transaction)."""
+    """``TorchCheckpointIO`` whose local saves are atomic and whose local loads refuse anything but tensors
+    and plain values with one line (remote paths keep Lightning's own ways)."""
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not _is_local_file_protocol(path) or weights_only is False:
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(path)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None

@@ -15,12 +15,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from multimoe.config import ConfigError
+from multimoe.config import ConfigError, MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.data.manifest import ManifestError
 from multimoe.pretrained import CheckpointError, read_checkpoint, saved_form
 from multimoe.training import finetune
-from multimoe.training.callbacks import Checkpoint, NonFiniteError, NonFiniteGuard, SeedEveryStep
+from multimoe.training.callbacks import (
+    Checkpoint,
+    NonFiniteError,
+    NonFiniteGuard,
+    SeedEveryStep,
+    StopAtStepEnd,
+)
 from multimoe.training.checkpoint_io import AtomicCheckpointIO
 from multimoe.training.finetune import FinetuneConfig
 from multimoe.training.metrics import meteor_score
@@ -64,13 +70,28 @@ class MultiMoECLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        """As Lightning's: a ``--ckpt_path`` checkpoint's hyper-parameters go over the command line's.
+        The file is read here once, as data (``read_checkpoint``: anything else gets one line)."""
+        self.checkpoint: dict[str, Any] | None = None
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        self.checkpoint = read_checkpoint(ckpt_path)
+        saved_form(self.checkpoint, ckpt_path)  # a multimoe checkpoint, or one line saying it is not
+        hparams = {k: v for k, v in self.checkpoint["hyper_parameters"].items() if k != "_instantiator"}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.base = None
         if self.subcommand == "fit":
             self.base = finetune.prepare(config)
         elif self.subcommand in EVALUATE:
-            evaluate_only(config, self.subcommand)
+            evaluate_only(config, self.subcommand, self.checkpoint)
+        if (values := config.model.get("config")) is not None:  # checked here for one line: inside
+            MultiMoEConfig.from_dict(values.get("init_args", values).as_dict())  # jsonargparse it is reworded
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -78,7 +99,7 @@ class MultiMoECLI(LightningCLI):
             print(finetune.apply(*self.base, self.model.model, self.trainer), file=sys.stderr)
 
     def before_fit(self) -> None:
-        self.trainer.callbacks.append(SaveOnCrash())  # type: ignore[attr-defined]
+        self.trainer.callbacks += [StopAtStepEnd(), SaveOnCrash()]  # type: ignore[attr-defined]
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
@@ -148,32 +169,37 @@ class MultiMoECLI(LightningCLI):
 EVALUATE = {"validate": "val_manifest", "test": "test_manifest", "predict": "predict_manifest"}
 
 
-def evaluate_only(cfg: Any, subcommand: str) -> None:
+def evaluate_only(cfg: Any, subcommand: str, checkpoint: dict[str, Any] | None) -> None:
     """``validate``, ``test`` and ``predict`` read only the manifest they evaluate (``predict`` falls back to
-    the test manifest). With a ``--ckpt_path`` file they build the model that checkpoint holds (a fine-tuned
-    one, say) whatever the YAML says, with its labels and vocabulary, and never read the training manifest."""
+    the test manifest). With a ``--ckpt_path`` file (its contents: ``checkpoint``) they build the model that
+    checkpoint holds (a fine-tuned one, say) whatever the YAML says, with its labels and vocabulary, and never
+    read the training manifest."""
     if subcommand == "predict":
         cfg.data.predict_manifest = cfg.data.predict_manifest or cfg.data.test_manifest
     for stage, key in EVALUATE.items():
         if stage != subcommand:
             cfg.data[key] = None
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and Path(ckpt_path).is_file():
-        saved, _ = saved_form(read_checkpoint(ckpt_path), ckpt_path)
+    if checkpoint is not None:
+        saved, _ = saved_form(checkpoint, cfg.ckpt_path)
         finetune.set_model_config(cfg, saved["config"], saved["vocab"])
         cfg.data.base_labels = saved["labels"]
         cfg.data.train_manifest = None
 
 
 class SaveOnCrash(Callback):
-    """When fit stops on an exception (a file that breaks mid-epoch, Ctrl-C), save the training state as
-    ``crash.ckpt`` beside the other checkpoints; ``last.ckpt`` keeps the last finished epoch."""
+    """When fit stops on an exception (a file that breaks mid-epoch, Ctrl-C), save the training state after
+    the last finished step as ``crash.ckpt`` beside the other checkpoints; ``last.ckpt`` stays as it was."""
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         if dirpath and trainer.global_step > 0:
+            # A batch fetched or started but not trained (Ctrl-C at its start, an error in its step) never
+            # happened: Lightning then resumes with it, as after a save at the previous step's end.
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            for tracker in (progress.total, progress.current):
+                tracker.ready = tracker.started = tracker.processed  # type: ignore[attr-defined]
             path = Path(dirpath) / "crash.ckpt"
             trainer.save_checkpoint(path)
             print(f"fit stopped: saved the training state to {path}", file=sys.stderr)

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from multimoe.config import GenerationConfig, MultiMoEConfig
+from multimoe.config import ConfigError, GenerationConfig, MultiMoEConfig
 from multimoe.data.collate import Batch
 from multimoe.data.dataset import IGNORE_INDEX
 from multimoe.modality import Modality
@@ -52,6 +52,14 @@ class MultiMoEModule(L.LightningModule):
         generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
+        for name, value, ok in [
+            ("lr", lr, lr > 0),
+            ("weight_decay", weight_decay, weight_decay >= 0),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0),
+            ("caption_loss_weight", caption_loss_weight, caption_loss_weight >= 0),
+        ]:
+            if not ok:
+                raise ConfigError(f"model.{name}: must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
             config = MultiMoEConfig.from_dict(config)
         self.labels = list(labels or [])
