@@ -183,6 +183,7 @@ def test_a_checkpoint_folder_that_cannot_be_written_stops_before_the_first_step(
     blocker.write_text("not a folder")
     data = [f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()]
     args = ["fit", "--config=configs/tiny.yaml", *data, f"--checkpoint.dirpath={blocker / 'checkpoints'}"]
+    args.append(f"--trainer.default_root_dir={tmp_path}")
     line = one_line_error(cli.main, args, capsys)
     assert line.startswith(f"error: checkpoint folder {blocker / 'checkpoints'}: cannot write there")
 
@@ -357,6 +358,7 @@ def test_audio_with_nan_samples_is_refused(files: Path) -> None:
     ids=["top_k-0", "top_k-too-big", "negative-lr", "batch-size-0", "dropout-1.5"],
 )
 def test_a_bad_value_gets_one_line_naming_it(
+    tmp_path: Path,
     args: list[str],
     message: str,
     digit_manifests: dict[str, Path],
@@ -365,7 +367,8 @@ def test_a_bad_value_gets_one_line_naming_it(
 ) -> None:
     monkeypatch.chdir(ROOT)
     data = [f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()]
-    line = one_line_error(cli.main, ["fit", "--config=configs/tiny.yaml", *data, *args], capsys)
+    root = f"--trainer.default_root_dir={tmp_path}"
+    line = one_line_error(cli.main, ["fit", "--config=configs/tiny.yaml", *data, root, *args], capsys)
     assert message in line, line
 
 
@@ -402,3 +405,29 @@ def test_a_modality_the_model_does_not_read_is_said_to_be_left_out(digit_manifes
         UserWarning, match=r"test.jsonl: 1[0-9] rows hold text, which this model does not read"
     ):
         ManifestDataset.for_model(rows, config, ["even", "odd"], WordTokenizer.build([]))
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config(
+    trained: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = torch.load(trained[0], map_location="cpu", weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("router.proj.weight"))
+    checkpoint["state_dict"][key] = torch.zeros(3, 3)
+    path = tmp_path / "mismatch.ckpt"
+    torch.save(checkpoint, path)
+    line = one_line_error(convert.main, [str(path), str(tmp_path / "out")], capsys)
+    assert line.startswith(f"error: {path}: does not load: ") and "router.proj.weight" in line
+
+
+def test_infer_says_which_input_the_model_does_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multimoe.config import MultiMoEConfig
+    from multimoe.model import build_model
+    from multimoe.tokenizer import SPECIALS
+
+    build_model(MultiMoEConfig(modalities=["image", "audio"]), ["a", "b"], list(SPECIALS)).save_pretrained(
+        tmp_path
+    )
+    line = one_line_error(infer.main, [str(tmp_path), "--image", str(IMAGE), "--text", "four"], capsys)
+    assert line == "error: this model reads no text"
