@@ -27,7 +27,7 @@ import torch.nn.functional as F
 BLOCK_BYTES = 24 << 20
 
 
-def mm_t(
+def _mm_t(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, add: bool = False
 ) -> torch.Tensor:
     """``a (m, k) @ b (n, k).T -> (m, n)``, any strides; written into ``out`` (or added to it) when given."""
@@ -106,8 +106,8 @@ def _expert_ffn(
     blocks = _blocks(counts, w_in)
     for e, s, t in blocks:
         torch.index_select(x, 0, token[s:t], out=rows_in[s:t])
-        mm_t(rows_in[s:t], w_in[e], out=h[s:t])
-        mm_t(_activate_kept(h[s:t], activation, silu[s:t]), w_down[e], out=out[s:t])
+        _mm_t(rows_in[s:t], w_in[e], out=h[s:t])
+        _mm_t(_activate_kept(h[s:t], activation, silu[s:t]), w_down[e], out=out[s:t])
     y = _sum_per_token(out, blocks, by_token, offsets, weight.index_select(0, by_token))
     return y, rows_in, h, silu
 
@@ -120,8 +120,7 @@ def _sum_per_token(
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(T, d)``: the sum of each token's ``rows (S, d)``, scaled by ``weight`` (in ``by_token`` order); the
-    rows after the last block (dropped pairs) count as 0. One gather-and-sum pass (``embedding_bag``), where
-    adding each block into place row by row (``index_add_``) took 3-4x as long."""
+    rows after the last block (dropped pairs) count as 0. One gather-and-sum pass (``embedding_bag``)."""
     rows[blocks[-1][2] if blocks else 0 :] = 0.0
     return F.embedding_bag(by_token, rows, offsets, mode="sum", per_sample_weights=weight)
 
@@ -164,18 +163,18 @@ def _expert_ffn_backward(
     for e, s, t in blocks:
         w = weight[s:t, None]
         g = grad_y.index_select(0, token[s:t])  # (n, d)
-        grad_a = mm_t(g, w_down[e].t())  # (n, d_ff), before the gate
+        grad_a = _mm_t(g, w_down[e].t())  # (n, d_ff), before the gate
         a, activation_grad = _activate_with_grad(h[s:t], activation, silu[s:t])  # (n, d_ff)
         grad_weight[s:t] = torch.linalg.vecdot(a, grad_a)
         add = first == e  # an expert's first block writes its weight gradients, the others add
         if gate_grad_y:
-            mm_t(g.mul_(w).t(), a.t(), out=grad_down[e], add=add)
+            _mm_t(g.mul_(w).t(), a.t(), out=grad_down[e], add=add)
         else:
-            mm_t(g.t(), a.mul_(w).t(), out=grad_down[e], add=add)
+            _mm_t(g.t(), a.mul_(w).t(), out=grad_down[e], add=add)
         grad_h = activation_grad(grad_a.mul_(w))  # (n, width)
-        mm_t(grad_h.t(), rows_in[s:t].t(), out=grad_in[e], add=add)
+        _mm_t(grad_h.t(), rows_in[s:t].t(), out=grad_in[e], add=add)
         first = e
-        mm_t(grad_h, w_in[e].t(), out=grad_rows[s:t])
+        _mm_t(grad_h, w_in[e].t(), out=grad_rows[s:t])
     grad_x = _sum_per_token(grad_rows, blocks, by_token, offsets)
     return grad_x, grad_in, grad_down, grad_weight
 
