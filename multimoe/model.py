@@ -27,6 +27,7 @@ from multimoe.trunk import MLP, Block, SharedTransformer
 class MultiMoEOutput:
     class_logits: torch.Tensor | None  # (B, num_classes)
     caption_logits: torch.Tensor | None  # (B, L, vocab), teacher-forced
+    encoded: ModalityTokens  # the trunk's input: projected encoder tokens (B, N, d), mask, modality ids
     trunk: ModalityTokens  # trunk output tokens (B, N, d) with mask and modality ids
     router_stats: list[RouterStats]  # one per MoE block, bottom to top
     aux_loss: torch.Tensor  # sum over MoE blocks of the weighted load-balancing and z-losses
@@ -90,6 +91,7 @@ class MultiMoE(nn.Module, Pretrained):
         return MultiMoEOutput(
             class_logits=class_logits,
             caption_logits=caption_logits,
+            encoded=x,
             trunk=ModalityTokens(h, x.mask, x.modality_ids),
             router_stats=router_stats,
             aux_loss=self.aux_loss(router_stats, h),

@@ -4,6 +4,7 @@ validation logs the routing heatmap to TensorBoard."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import lightning as L
@@ -27,11 +28,18 @@ def test_analysis_writes_png_figures(
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "router_entropy_drop.png",
+        "routing.json",
         "routing_shares.png",
         "sample_s2-0.png",
         "sample_s2-1.png",
     ]
-    for path in out.iterdir():
+    report = json.loads((out / "routing.json").read_text())
+    [layer] = report["layers"]  # tiny.yaml: one MoE layer
+    for m in layer["modalities"].values():
+        assert sum(m["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert 0.0 <= m["label_bits"] <= m["expert_bits"] + 1e-9 and m["position_bits"] >= 0.0
+    assert layer["cross_modal_experts"] == [6] and report["tokens"] > 0
+    for path in out.glob("*.png"):
         with Image.open(path) as image:
             image.verify()  # a complete, valid PNG
             assert image.format == "PNG" and min(image.size) > 100

@@ -299,16 +299,6 @@ def test_bias_changes_selection_only_and_balances_each_modality() -> None:
     torch.testing.assert_close(routing.weight, routing.probs.gather(1, routing.expert_idx).flatten())
 
 
-def test_collapse_is_flagged_when_one_expert_takes_a_modalitys_tokens() -> None:
-    layer = make_layer(per_modality=2, cross=1, top_k=1)
-    counts = torch.zeros(3, 7, dtype=torch.long)
-    counts[0, 0], counts[0, 6] = 95, 5  # text: expert 0 takes 95 %
-    counts[2, 4], counts[2, 5] = 50, 50  # audio: balanced
-    assert layer.collapsed(counts) == [(0, 0, pytest.approx(0.95))]
-    two = make_layer(per_modality=1, cross=1, top_k=2)  # two allowed experts, both always used: fine
-    assert two.collapsed(torch.tensor([[10, 0, 0, 10], [0, 0, 0, 0], [0, 0, 0, 0]])) == []
-
-
 def test_moe_config_refuses_inconsistent_routing_with_the_field_named() -> None:
     with pytest.raises(ConfigError, match=r"MoEConfig.capacity_factor: must be > 0 with router='expert"):
         MoEConfig(router="expert_choice")

@@ -12,8 +12,6 @@ from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
 from multimoe.moe.router import Router, Routing
 
-COLLAPSE_SHARE = 0.9  # an expert that takes this share of a modality's tokens has collapsed the routing
-
 
 @dataclass
 class RouterStats:
@@ -25,6 +23,8 @@ class RouterStats:
     dropped_fraction: torch.Tensor  # scalar: share of chosen pairs over capacity (expert choice: of tokens
     # that no expert took); those tokens pass through the residual
     entropy: torch.Tensor  # scalar mean routing entropy (nats)
+    top_expert: torch.Tensor  # (T,) each token's first choice (expert choice: its most probable expert)
+    chosen: torch.Tensor | None  # (T, k) token choice: the experts each token chose; None: expert choice
 
 
 class MoELayer(nn.Module):
@@ -67,35 +67,30 @@ class MoELayer(nn.Module):
     def _stats(self, routing: Routing, modality_ids: torch.Tensor) -> RouterStats:
         allowed = self.router.allowed
         zero = routing.probs.new_zeros(())
+        chosen: torch.Tensor | None = None
         if routing.mode == "expert_choice":  # the chosen pairs are the kept ones
             assert routing.kept is not None
-            chosen = routing.kept.long()
-            taken = zero.new_zeros(modality_ids.shape[0]).index_add_(0, routing.token, chosen.float())
+            pairs = routing.kept.long()
+            taken = zero.new_zeros(modality_ids.shape[0]).index_add_(0, routing.token, pairs.float())
             load_balance, dropped = zero, (taken == 0).float().mean()
+            top_expert = routing.probs.argmax(dim=-1)
         else:
-            chosen = torch.ones_like(routing.token)
-            load_balance = load_balancing_loss(routing.probs, routing.expert_idx, modality_ids, allowed)
+            pairs = torch.ones_like(routing.token)
+            chosen = routing.expert_idx  # (T, k), first choice first
+            load_balance = load_balancing_loss(routing.probs, chosen, modality_ids, allowed)
             dropped = zero if routing.kept is None else 1.0 - routing.kept.float().mean()
+            top_expert = chosen[:, 0]
         tokens_per_expert = torch.zeros_like(allowed, dtype=torch.long)
-        tokens_per_expert.index_put_((modality_ids[routing.token], routing.expert), chosen, accumulate=True)
+        tokens_per_expert.index_put_((modality_ids[routing.token], routing.expert), pairs, accumulate=True)
         return RouterStats(
             load_balance_loss=load_balance,
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert,
             dropped_fraction=dropped.detach(),
             entropy=router_entropy(routing.probs).detach(),
+            top_expert=top_expert,
+            chosen=chosen,
         )
-
-    def collapsed(self, tokens_per_expert: torch.Tensor) -> list[tuple[int, int, float]]:
-        """``(modality, expert, share)`` for each expert that took at least ``COLLAPSE_SHARE`` of a modality's
-        tokens although the modality may choose among more than ``top_k`` experts (token choice only)."""
-        if self.router.kind == "expert_choice":
-            return []
-        k = self.router.top_k
-        counts = tokens_per_expert.float()
-        share = counts / (counts.sum(dim=1, keepdim=True) / k).clamp_min(1.0)  # (M, E) share of tokens
-        over = (share >= COLLAPSE_SHARE) & (self.router.allowed.sum(dim=1, keepdim=True) > k)
-        return [(m, e, float(share[m, e])) for m, e in over.nonzero().tolist()]
 
 
 def modality_expert_mask(

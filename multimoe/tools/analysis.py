@@ -2,15 +2,18 @@
 
     python -m multimoe.tools.analysis CHECKPOINT MANIFEST --out DIR [--samples 3] [--limit 1000]
 
-writes to DIR: ``routing_shares.png`` (per MoE layer, the share of each modality's tokens that each expert
-receives), ``router_entropy_drop.png`` (router entropy and drop rate per layer) and ``sample_<id>.png``
-(each token's top expert drawn over the image patches and the audio spectrogram frames of a few samples).
-``share_heatmap`` draws the first figure for TensorBoard during validation too.
+writes to DIR: ``routing_shares.png`` (per MoE layer, the share of each modality's assignments that each
+expert receives, tokens identical in content counted once), ``router_entropy_drop.png`` (router entropy and
+drop rate per layer), ``sample_<id>.png`` (each token's top expert drawn over the image patches and the audio
+spectrogram frames of a few samples) and ``routing.json``; and prints, per layer and modality, how many bits
+the top expert tells about the class label and the token's position (and, for cross-modal experts, the
+modality), with the collapse and imbalance verdicts (``multimoe.moe.diagnostics``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from multimoe.modality import Modality
+from multimoe.moe.diagnostics import RoutingTally, tally_batch, verdicts
 
 if TYPE_CHECKING:
     from multimoe.data.dataset import ManifestDataset
@@ -28,10 +32,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class RoutingSummary:
-    """Routing of a whole manifest: per MoE layer, counts ``(num_modalities, E)``, and the token-weighted
-    mean router entropy and drop rate; per sample of ``keep``, each token's top expert per layer."""
+    """Routing of a whole manifest: per MoE layer, counts ``(num_modalities, E)``, the tally of
+    ``multimoe.moe.diagnostics``, and the token-weighted mean router entropy and drop rate; per sample of
+    ``keep``, each token's top expert per layer."""
 
     counts: list[torch.Tensor] = field(default_factory=list)
+    tallies: list[RoutingTally] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
     dropped: list[float] = field(default_factory=list)
     tokens: int = 0
@@ -64,6 +70,12 @@ def summarize(
             x = model.encode(batch.inputs)  # tokens (B, N, d), mask (B, N), modality_ids (B, N)
             _, stats = model.trunk(x.tokens, x.mask, x.modality_ids)
             n = int(x.mask.sum())
+            if not summary.tallies:
+                m, e = stats[0].tokens_per_expert.shape
+                summary.tallies = [
+                    RoutingTally.empty(m, e, len(model.labels), x.tokens.device) for _ in stats
+                ]
+            tally_batch(summary.tallies, stats, x, batch.labels)
             for i, s in enumerate(stats):
                 if i == len(summary.counts):
                     summary.counts.append(torch.zeros_like(s.tokens_per_expert))
@@ -112,13 +124,20 @@ def analyze(
     from multimoe.tools.figures import entropy_drop_figure, pyplot, sample_figure, share_heatmap
 
     model = MultiMoE.from_pretrained(checkpoint)
-    rows = read_manifest(Path(manifest))[: limit or None]
+    rows = read_manifest(Path(manifest), model.labels or None)[: limit or None]
     assert model.words is not None
-    dataset = ManifestDataset.for_model(rows, model.config, [], model.words)  # labels play no part in routing
+    dataset = ManifestDataset.for_model(rows, model.config, model.labels, model.words)
     summary = summarize(model, dataset, keep=samples)
     allowed = [layer.router.allowed for layer in model.moe_layers()]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = routing_report(model, summary)
+    (folder / "routing.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(report_lines(report))
     figures = {
-        "routing_shares.png": share_heatmap(summary.counts, allowed, model.config.modalities),
+        "routing_shares.png": share_heatmap(
+            [t.assigned for t in summary.tallies], allowed, model.config.modalities
+        ),
         "router_entropy_drop.png": entropy_drop_figure(summary, allowed),
     }
     by_id = {row.id: row for row in rows}
@@ -126,13 +145,55 @@ def analyze(
         figures[f"sample_{sample_id}.png"] = sample_figure(
             model, by_id[sample_id], experts, allowed[0].shape[1]
         )
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
     for name, fig in figures.items():
         fig.savefig(folder / name, dpi=90)
         plt.close(fig)
-    return [folder / name for name in figures]
+    return [folder / "routing.json", *(folder / name for name in figures)]
+
+
+def routing_report(model: MultiMoE, summary: RoutingSummary) -> dict[str, Any]:
+    """Per MoE layer: each modality's expert shares, bits of specialization, and the verdicts."""
+    layers = []
+    for index, (layer, tally) in enumerate(zip(model.moe_layers(), summary.tallies, strict=True)):
+        allowed = layer.router.allowed
+        shares = tally.shares(allowed)
+        cross = [e for e in range(allowed.shape[1]) if int(allowed[:, e].sum()) > 1]
+        modalities: dict[str, dict[str, Any]] = {}
+        for name in model.config.modalities:
+            m = Modality.from_name(name)
+            experts = allowed[m].nonzero().flatten().tolist()
+            modalities[name] = {"shares": {str(e): round(float(shares[m, e]), 4) for e in experts}}
+            modalities[name] |= {k: round(v, 4) for k, v in tally.specialization(m).items()}
+        found = verdicts(shares, allowed, layer.router.top_k)
+        layers.append(
+            {
+                "layer": index,
+                "cross_modal_experts": cross,
+                "cross_modality_bits": round(tally.cross_modality_bits(cross), 4),
+                "modalities": modalities,
+                "verdicts": [
+                    f"{v.kind}: {Modality(v.modality).key}, expert {v.expert} {v.what}" for v in found
+                ],
+            }
+        )
+    return {"tokens": summary.tokens, "layers": layers}
+
+
+def report_lines(report: dict[str, Any]) -> str:
+    """The report as the command prints it."""
+    lines = [f"routing of {report['tokens']:,} tokens (bits of mutual information with the top expert)"]
+    for layer in report["layers"]:
+        at = f"  MoE layer {layer['layer']}"
+        for name, m in layer["modalities"].items():
+            lines.append(
+                f"{at}, {name}: label {m['label_bits']:.3f}, position {m['position_bits']:.3f} "
+                f"(top expert: {m['expert_bits']:.3f})"
+            )
+        if layer["cross_modal_experts"]:
+            lines.append(f"{at}, cross-modal experts: modality {layer['cross_modality_bits']:.3f}")
+        lines += [f"{at}: {verdict}" for verdict in layer["verdicts"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from multimoe.data.collate import Batch
 from multimoe.data.dataset import IGNORE_INDEX
 from multimoe.modality import Modality
 from multimoe.model import MultiMoE, MultiMoEOutput, build_model
+from multimoe.moe.diagnostics import RoutingTally, tally_batch, verdicts
 from multimoe.training.metrics import caption_metrics, classification_report
 
 # logged name -> RouterStats field, averaged over the MoE layers
@@ -91,7 +92,8 @@ class MultiMoEModule(L.LightningModule):
         self.captions: tuple[list[str], list[list[str]]] = ([], [])
         self.test_report: dict[str, Any] = {}  # classification report and caption metrics of the last test
         self.test_captions: tuple[list[str], list[list[str]]] = ([], [])  # and its captions, references
-        self.routing: list[torch.Tensor] = []  # summed tokens_per_expert per MoE layer, over an eval epoch
+        self.tallies: list[RoutingTally] = []  # per MoE layer, over an eval epoch (moe.diagnostics)
+        self.imbalance = ""  # what the last validation found uneven
 
     # ---- steps -------------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> MultiMoEOutput:
@@ -152,10 +154,10 @@ class MultiMoEModule(L.LightningModule):
             return
         out = self(batch)
         self._log_losses(stage, self._losses(batch, out), out, len(batch))
-        for layer, stats in enumerate(out.router_stats):
-            if layer == len(self.routing):
-                self.routing.append(torch.zeros_like(stats.tokens_per_expert))
-            self.routing[layer] += stats.tokens_per_expert
+        if out.router_stats and not self.tallies:
+            m, e = out.router_stats[0].tokens_per_expert.shape
+            self.tallies = [RoutingTally.empty(m, e, len(self.labels), self.device) for _ in out.router_stats]
+        tally_batch(self.tallies, out.router_stats, out.encoded, batch.labels)
         if out.class_logits is not None:
             self._update_accuracy(stage, out.class_logits, batch.labels)
             self.log(
@@ -261,26 +263,58 @@ class MultiMoEModule(L.LightningModule):
         return scores
 
     def _log_routing(self, stage: str) -> None:
-        """Share of each modality's tokens that each of its allowed experts received, per MoE layer, over
-        the tokens of all ranks."""
-        self.routing = [self.trainer.strategy.reduce(counts, reduce_op="sum") for counts in self.routing]
-        self.routing_shares = routing_shares(self.routing, self.config.modalities)
-        for (layer, modality, expert), share in self.routing_shares.items():
-            self.log(f"{stage}_routing/layer{layer}/{modality}/expert{expert}", share)
-        if self.routing and isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking:
+        """Per MoE layer, over the tokens of all ranks (tokens identical in content counted once): each
+        expert's share of its modality's assignments, the bits of specialization, and a warning on collapse.
+        The sanity check's untrained router gets no verdict."""
+        tallies, self.tallies = self.tallies, []
+        if self.trainer.sanity_checking or not tallies:
+            return
+        tallies = [t.reduce(lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")) for t in tallies]
+        layers = self.model.moe_layers()
+        names = self.config.modalities
+        tokens = int(tallies[0].top.sum())
+        found = []
+        for index, (layer, tally) in enumerate(zip(layers, tallies, strict=True)):
+            allowed = layer.router.allowed
+            shares = tally.shares(allowed)
+            cross = [e for e in range(allowed.shape[1]) if int(allowed[:, e].sum()) > 1]
+            for name in names:
+                m = Modality.from_name(name)
+                for e in allowed[m].nonzero().flatten().tolist():
+                    self.log(f"{stage}_routing/layer{index}/{name}/expert{e}", float(shares[m, e]))
+                for key, bits in tally.specialization(m).items():
+                    self.log(f"{stage}_specialization/layer{index}/{name}/{key}", bits)
+            if cross:
+                self.log(
+                    f"{stage}_specialization/layer{index}/cross_modality_bits",
+                    tally.cross_modality_bits(cross),
+                )
+            found += [(index, v) for v in verdicts(shares, allowed, layer.router.top_k)]
+        if isinstance(self.logger, TensorBoardLogger):
             from multimoe.tools.figures import share_heatmap  # matplotlib, only when drawing
 
-            allowed = [layer.router.allowed for layer in self.model.moe_layers()]
-            figure = share_heatmap(self.routing, allowed, self.config.modalities)
+            allowed_all = [layer.router.allowed for layer in layers]
+            figure = share_heatmap([t.assigned for t in tallies], allowed_all, names)
             self.logger.experiment.add_figure(f"{stage}_routing/shares", figure, self.global_step)
-        for index, (moe, counts) in enumerate(zip(self.model.moe_layers(), self.routing, strict=False)):
-            for m, e, share in moe.collapsed(counts):
-                rank_zero_warn(
-                    f"routing collapse in MoE layer {index}: expert {e} took {share:.0%} of the "
-                    f"{Modality(m).key} tokens in {stage}; raise moe.load_balance_coef "
-                    "or set moe.bias_update_rate"
-                )
-        self.routing = []
+        where = f"{stage} at step {self.global_step}, {tokens:,} tokens (identical ones counted once)"
+        lines = [
+            f"MoE layer {index}, {Modality(v.modality).key}: expert {v.expert} {v.what} (even: {v.even:.2f})"
+            for index, v in found
+        ]
+        collapse = [line for line, (_, v) in zip(lines, found, strict=True) if v.kind == "collapse"]
+        if collapse:
+            rank_zero_warn(
+                f"routing collapse in {where}: " + "; ".join(collapse) + "; raise moe.load_balance_coef or "
+                "set moe.bias_update_rate"
+            )
+        uneven = [line for line, (_, v) in zip(lines, found, strict=True) if v.kind == "imbalance"]
+        if stage == "val":
+            self.imbalance = f"{where}: " + "; ".join(uneven) if uneven else ""
+
+    def on_fit_end(self) -> None:
+        """An imbalance still there at the last validation is reported once, at the end."""
+        if self.imbalance:
+            rank_zero_warn(f"lasting routing imbalance in {self.imbalance}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint taken after an epoch's last batch (at its validation) resumes into the next epoch: its
@@ -319,19 +353,6 @@ class MultiMoEModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def routing_shares(routing: list[torch.Tensor], modalities: list[str]) -> dict[tuple[int, str, int], float]:
-    """``{(layer, modality, expert): share of the modality's token assignments}`` for experts that got any."""
-    shares = {}
-    for layer, counts in enumerate(routing):
-        for name in modalities:
-            row = counts[Modality.from_name(name)].float()
-            total = row.sum()
-            if total > 0:
-                for expert in torch.nonzero(row).flatten().tolist():
-                    shares[(layer, name, expert)] = float(row[expert] / total)
-    return shares
 
 
 def _sized(config: MultiMoEConfig, num_classes: int, vocab_size: int) -> MultiMoEConfig:
