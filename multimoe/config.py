@@ -190,6 +190,7 @@ class AudioEncoderConfig:
 
 
 RouterKind = Literal["mixtral", "switch", "expert_choice"]
+BalanceGroups = Literal["modality", "batch"]
 DispatchKind = Literal["auto", "sorted", "grouped_mm", "reference"]
 ExpertActivation = Literal["swiglu", "relu", "gelu"]
 
@@ -209,6 +210,8 @@ class MoEConfig:
     ``capacity_factor`` (training) and ``eval_capacity_factor`` (evaluation): 0 = dropless; otherwise an
     expert takes at most ``ceil(factor * its even share of the pairs)`` and the overflow passes through the
     residual; ``batch_priority`` lets the tokens with the highest router probability keep their place.
+    ``load_balance_coef``: weight of the Switch balance loss, computed per modality over the experts it may
+    use (``balance_groups="modality"``) or once over the whole batch and all experts (``"batch"``).
     ``bias_update_rate > 0``: auxiliary-loss-free balancing, a per-modality expert bias for selection only.
     ``dispatch``: ``auto`` picks the fastest kernel for the device: ``grouped_mm`` on CUDA, ``sorted`` on CPU.
     """
@@ -227,6 +230,7 @@ class MoEConfig:
     eval_capacity_factor: float = 0.0
     batch_priority: bool = False
     load_balance_coef: float = 0.01
+    balance_groups: BalanceGroups = "modality"
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0
     dispatch: DispatchKind = "auto"
@@ -264,6 +268,7 @@ class MoEConfig:
             f"(experts_per_modality + cross_modal_experts)",
         )
         _one_of(self, "router", ("mixtral", "switch", "expert_choice"))
+        _one_of(self, "balance_groups", ("modality", "batch"))
         _one_of(self, "expert_activation", ("swiglu", "relu", "gelu"))
         _one_of(self, "dispatch", ("auto", "sorted", "grouped_mm", "reference"))
         _check(self.router != "switch" or self.top_k == 1, "MoEConfig.top_k", "the 'switch' router is top-1")

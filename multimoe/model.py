@@ -253,4 +253,5 @@ def _ffn(config: MultiMoEConfig, index: int, modalities: list[Modality]) -> MLP 
         bias_rate=moe.bias_update_rate,
     )
     experts = Experts(allowed.shape[1], d, moe.expert_d_ff, moe.expert_activation)
-    return MoELayer(router, experts, shared, moe.dispatch, moe.capacity_factor, moe.eval_capacity_factor)
+    capacities = (moe.capacity_factor, moe.eval_capacity_factor)
+    return MoELayer(router, experts, shared, moe.dispatch, *capacities, balance_groups=moe.balance_groups)

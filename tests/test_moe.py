@@ -358,3 +358,18 @@ def test_training_updates_the_bias_and_logs_drops(digit_manifests: dict[str, Pat
     for bias in biases:  # two steps of +-rate: every bias is -2, -1, 0, 1 or 2 rates
         assert bias is not None and set((bias / 0.01).round().unique().tolist()) <= {-2, -1, 0, 1, 2}
     assert {"test/dropped", "test/router_entropy"} <= set(cli.trainer.callback_metrics)
+
+
+def test_balance_per_batch_treats_all_tokens_as_one_group_over_all_experts() -> None:
+    """Per modality, each modality's tokens are balanced over the experts it may use; per batch, all
+    tokens over all experts: a batch of text only then leaves the image and audio experts idle and costs
+    more, while per modality it is as cheap as any balanced routing."""
+    x, ids = torch.randn(64, 16), torch.zeros(64, dtype=torch.long)  # text only
+    per_modality = make_layer(seed=5)(x, ids)[1].load_balance_loss
+    layer = make_layer(seed=5, balance_groups="batch")
+    routing = layer.router(x, ids)
+    everything = layer.router.allowed.any(dim=0, keepdim=True)
+    expected = load_balancing_loss(routing.probs, routing.expert_idx, torch.zeros_like(ids), everything)
+    per_batch = layer(x, ids)[1].load_balance_loss
+    torch.testing.assert_close(per_batch, expected)
+    assert float(per_batch) > float(per_modality) * 1.5  # 8 experts, 4 of them reachable

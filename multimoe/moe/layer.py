@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from multimoe.config import BalanceGroups
 from multimoe.moe.dispatch import DispatchKind, run_experts
 from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
@@ -32,6 +33,7 @@ class MoELayer(nn.Module):
 
     ``capacity_factor`` applies in training, ``eval_capacity_factor`` in evaluation; 0 means dropless
     (expert-choice routing has no dropless mode and uses ``capacity_factor`` when the eval one is 0).
+    ``balance_groups``: the load-balancing loss per modality (over the experts it may use) or per batch.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class MoELayer(nn.Module):
         dispatch: DispatchKind = "auto",
         capacity_factor: float = 0.0,
         eval_capacity_factor: float = 0.0,
+        balance_groups: BalanceGroups = "modality",
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
@@ -53,6 +56,7 @@ class MoELayer(nn.Module):
         self.shared = shared
         self.dispatch: DispatchKind = dispatch
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.balance_groups = balance_groups
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         capacity = self.capacity_factor
@@ -77,7 +81,10 @@ class MoELayer(nn.Module):
         else:
             pairs = torch.ones_like(routing.token)
             chosen = routing.expert_idx  # (T, k), first choice first
-            load_balance = load_balancing_loss(routing.probs, chosen, modality_ids, allowed)
+            groups, group_allowed = modality_ids, allowed
+            if self.balance_groups == "batch":  # one group: all tokens over all experts
+                groups, group_allowed = torch.zeros_like(modality_ids), allowed.any(dim=0, keepdim=True)
+            load_balance = load_balancing_loss(routing.probs, chosen, groups, group_allowed)
             dropped = zero if routing.kept is None else 1.0 - routing.kept.float().mean()
             top_expert = chosen[:, 0]
         tokens_per_expert = torch.zeros_like(allowed, dtype=torch.long)
