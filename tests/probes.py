@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +73,16 @@ def finish(process: subprocess.Popen[bytes], out: Path) -> str:
 
 def losses(root: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (root / "log.jsonl").read_text().splitlines())]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two runs' ``checkpoints/last.ckpt`` hold the same step and bit-identical weights."""
+    x, y = (
+        torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for r in (a, b)
+    )
+    same = x["state_dict"].keys() == y["state_dict"].keys()
+    return (
+        same
+        and x["global_step"] == y["global_step"]
+        and all(torch.equal(v, y["state_dict"][k]) for k, v in x["state_dict"].items())
+    )

@@ -23,7 +23,7 @@ from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.model import MultiMoE, build_model
 from multimoe.surgery import grown_config, transfer
 from tests.conftest import ROOT, SHARED_DATA
-from tests.probes import finish, fit_command, start
+from tests.probes import finish, fit_command, same_weights, start
 
 
 def tiny_config(**moe: object) -> MultiMoEConfig:
@@ -216,9 +216,7 @@ def test_a_resumed_grown_fine_tune_continues_its_grow_in_ramp(
     assert len(expected) == 1 and not torch.equal(expected[0], new_expert_biases(saved)[0])  # still ramping
     for a, b in zip(expected, resumed, strict=True):
         assert torch.equal(a, b)
-    a = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    b = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert all(torch.equal(value, b[key]) for key, value in a.items())
+    assert same_weights(full, cut)
 
 
 @pytest.mark.slow

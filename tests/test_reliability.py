@@ -27,7 +27,7 @@ from multimoe.data.processors import AudioProcessor
 from multimoe.tools import analysis, check, convert, infer
 from multimoe.training import cli
 from tests.conftest import ROOT, SHARED_DATA
-from tests.probes import finish, fit_command, losses, start
+from tests.probes import finish, fit_command, losses, same_weights, start
 from tests.test_resume import RESUMABLE, summary
 
 IMAGE = SHARED_DATA / "mnist/3/0000.png"
@@ -167,9 +167,7 @@ def test_a_run_stopped_with_ctrl_c_resumes_exactly(digit_manifests: dict[str, Pa
     expected = finish(uninterrupted, full / "out.txt")
     assert losses(cut) == losses(full)  # every step once, none lost or repeated
     assert summary(resumed) == summary(expected)
-    a = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    b = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert all(torch.equal(value, b[key]) for key, value in a.items())
+    assert same_weights(full, cut)
 
 
 def test_a_checkpoint_folder_that_cannot_be_written_stops_before_the_first_step(
