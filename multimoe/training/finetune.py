@@ -29,9 +29,7 @@ from multimoe.training.callbacks import GrowIn, KeepFrozen
 
 FREEZABLE = (
     "encoders",
-    "text",
-    "image",
-    "audio",
+    *MODALITY_NAMES,
     "projectors",
     "router",
     "experts",
