@@ -1,5 +1,10 @@
-"""Weight surgery on a trained ``MultiMoE``: grow it by experts or by a modality (sparse upcycling of the
-checkpoint's experts) while it computes exactly what it computed before.
+"""Weight surgery on a trained ``MultiMoE``: grow it by experts or by a modality, or turn a dense model into
+an MoE one (sparse upcycling), while it computes exactly what it computed before.
+
+``upcycled_config`` makes a dense model's chosen blocks MoE blocks of top-1 experts as wide as its dense FFN;
+``transfer`` then starts every expert as a copy of that block's FFN (Komatsuzaki et al., 2023), so the
+upcycled model computes the dense one's function at the same compute per token, with more parameters to
+train.
 
 ``grown_config`` gives the architecture with the added modalities and experts; ``transfer`` copies a trained
 model's weights into a model of that architecture (maybe with more labels or words too). Each new expert is a
@@ -17,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from multimoe.config import ConfigError, Modality, MultiMoEConfig
+from multimoe.config import ConfigError, Modality, MoEConfig, MultiMoEConfig
 from multimoe.model import MultiMoE
 from multimoe.moe.layer import MoELayer
 from multimoe.moe.router import Router
+from multimoe.trunk import MLP
 
 
 def grown_config(
@@ -41,6 +47,29 @@ def grown_config(
             bias_update_rate=moe.bias_update_rate or bias_rate,
         )
     return dataclasses.replace(base, modalities=[*base.modalities, *add_modalities], moe=moe)
+
+
+def upcycled_config(dense: MultiMoEConfig, moe: MoEConfig) -> MultiMoEConfig:
+    """A dense model's architecture with the MoE blocks, expert pool and balancing of ``moe``, whose experts
+    are SwiGLU FFNs as wide as the dense one, routed top-1 with Mixtral's renormalised gate (which is then 1)
+    and dropless: at the start each token runs exactly the FFN it ran before."""
+    if dense.moe.enabled:
+        raise ConfigError(
+            "finetune.upcycle: the checkpoint already has MoE layers (grow it with add_experts)"
+        )
+    if not moe.enabled:
+        raise ConfigError("finetune.upcycle: set model.config.moe.every to choose the blocks that become MoE")
+    upcycled = dataclasses.replace(
+        moe,
+        top_k=1,
+        router="mixtral",
+        expert_d_ff=dense.trunk.d_ff,
+        expert_activation="swiglu",
+        shared_experts=0,
+        capacity_factor=0.0,
+        eval_capacity_factor=0.0,
+    )
+    return dataclasses.replace(dense, moe=upcycled)
 
 
 @dataclass
@@ -85,7 +114,13 @@ def transfer(base: MultiMoE, model: MultiMoE) -> list[NewExpert]:
     blocks = dict(zip(moe_prefixes, [_block_norm(model, p) for p in moe_prefixes], strict=True))
     for prefix in moe_prefixes:
         old_layer, layer = base.get_submodule(prefix), model.get_submodule(prefix)
-        assert isinstance(old_layer, MoELayer) and isinstance(layer, MoELayer)
+        assert isinstance(layer, MoELayer)
+        if isinstance(old_layer, MLP):  # upcycling: every expert starts as the dense FFN
+            with torch.no_grad():
+                layer.experts.w_in.copy_(old_layer.gate_up.weight.expand_as(layer.experts.w_in))
+                layer.experts.down_proj.copy_(old_layer.down.weight.expand_as(layer.experts.down_proj))
+            continue
+        assert isinstance(old_layer, MoELayer)
         new += _grow_layer(old_layer, layer, base, model, blocks[prefix])
     return new
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from multimoe.config import MultiMoEConfig
+from multimoe.config import ConfigError, MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.model import MultiMoE, build_model
-from multimoe.surgery import grown_config, transfer
+from multimoe.surgery import grown_config, transfer, upcycled_config
 from tests.conftest import ROOT, SHARED_DATA
 from tests.probes import finish, fit_command, same_weights, start
 
@@ -321,3 +321,48 @@ def test_the_csv_fine_tune_walkthrough_runs_as_written(
     [tuned] = (tmp_path / "run").rglob("last.ckpt")  # under lightning_logs/version_0/checkpoints, as written
     test[test.index("--ckpt_path") + 1] = str(tuned)
     assert "test/acc" in python([*test, *few[2:]]).stdout
+
+
+def test_an_upcycled_model_computes_what_the_dense_one_did(digit_manifests: dict[str, Path]) -> None:
+    """Every MoE FFN starts as the dense block's FFN, top-1 with a gate of 1: the same outputs, bit for bit up
+    to float noise, at the same compute per token."""
+    dense_config = tiny_config(every=0)
+    dm, batch = batch_of(digit_manifests, dense_config)
+    dense = trained_like(dense_config, dm)
+    config = upcycled_config(dense.config, tiny_config().moe)
+    assert (config.moe.top_k, config.moe.expert_d_ff) == (1, dense.config.trunk.d_ff)
+    torch.manual_seed(3)
+    model = build_model(config, dense.labels, dense.vocab).eval()
+    assert transfer(dense, model) == [] and len(model.moe_layers()) == 1
+    with torch.no_grad():
+        before, after = dense(batch.inputs), model(batch.inputs)  # type: ignore[attr-defined]
+    assert after.class_logits is not None and before.class_logits is not None
+    torch.testing.assert_close(after.class_logits, before.class_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after.trunk.tokens, before.trunk.tokens, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="already has MoE layers"):
+        upcycled_config(config, tiny_config().moe)
+
+
+def test_train_py_upcycles_a_dense_model(digit_manifests: dict[str, Path], tmp_path: Path) -> None:
+    from multimoe.training.cli import main
+
+    dm, _ = batch_of(digit_manifests, tiny_config(every=0))
+    folder = tmp_path / "dense"
+    trained_like(tiny_config(every=0), dm).save_pretrained(folder)
+    root = tmp_path / "run"
+    main(
+        [
+            "fit",
+            "--config=configs/tiny.yaml",
+            *[f"--data.{k}_manifest={v}" for k, v in digit_manifests.items()],
+            f"--finetune.checkpoint={folder}",
+            "--finetune.upcycle=true",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    model = MultiMoE.from_checkpoint(root / "checkpoints" / "last.ckpt")
+    [layer] = model.moe_layers()  # tiny.yaml: MoE in every second block
+    assert (layer.router.top_k, layer.experts.num_experts, model.config.moe.expert_d_ff) == (1, 7, 64)

@@ -21,10 +21,10 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from multimoe.config import MODALITY_NAMES, ConfigError
+from multimoe.config import MODALITY_NAMES, ConfigError, MoEConfig, config_from_dict
 from multimoe.model import MultiMoE
 from multimoe.moe.router import Router
-from multimoe.surgery import grown_config, transfer
+from multimoe.surgery import grown_config, transfer, upcycled_config
 from multimoe.training.callbacks import GrowIn, KeepFrozen
 
 FREEZABLE = (
@@ -47,12 +47,15 @@ class FinetuneConfig:
     ``add_experts``: experts added per modality to every MoE layer. ``add_modalities``: modalities the
     checkpoint did not read. ``grow_in_steps``: steps over which new experts join the routing.
     ``grow_bias_rate``: ``moe.bias_update_rate`` of a grown model whose checkpoint had none (new experts need
-    the selection bias). Without a checkpoint ``freeze`` is ignored and growing is refused."""
+    the selection bias). ``upcycle``: a dense checkpoint becomes MoE in the blocks ``model.config.moe``
+    chooses, every expert a copy of the block's FFN (``multimoe.surgery.upcycled_config``). Without a
+    checkpoint ``freeze`` is ignored and growing is refused."""
 
     checkpoint: str | None = None
     freeze: list[str] = field(default_factory=list)
     add_experts: int = 0
     add_modalities: list[str] = field(default_factory=list)
+    upcycle: bool = False
     grow_in_steps: int = 200
     grow_bias_rate: float = 0.001
 
@@ -105,13 +108,19 @@ def prepare(cfg: Any) -> tuple[MultiMoE, FinetuneConfig] | None:
         return None
     finetune = FinetuneConfig(**cfg.finetune.as_dict())
     if not finetune.checkpoint:
-        if finetune.add_experts or finetune.add_modalities:
-            raise ConfigError("finetune.add_experts and finetune.add_modalities need finetune.checkpoint")
+        if finetune.add_experts or finetune.add_modalities or finetune.upcycle:
+            raise ConfigError("finetune: add_experts, add_modalities and upcycle need finetune.checkpoint")
         return None
     base = MultiMoE.from_pretrained(finetune.checkpoint)
-    grown = grown_config(
-        base.config, finetune.add_experts, tuple(finetune.add_modalities), finetune.grow_bias_rate
-    )
+    if finetune.upcycle:
+        if finetune.add_experts or finetune.add_modalities:
+            raise ConfigError("finetune.upcycle: grow the upcycled model in a later fine-tune")
+        values = cfg.model.config.get("init_args", cfg.model.config)
+        grown = upcycled_config(base.config, config_from_dict(MoEConfig, values.moe.as_dict()))
+    else:
+        grown = grown_config(
+            base.config, finetune.add_experts, tuple(finetune.add_modalities), finetune.grow_bias_rate
+        )
     set_model_config(cfg, grown.to_dict(), base.vocab)
     return base, finetune
 
@@ -135,10 +144,15 @@ def apply(base: MultiMoE, finetune: FinetuneConfig, model: MultiMoE, trainer: L.
     if trainer is not None:
         trainer.callbacks += [KeepFrozen(frozen), GrowIn(new, finetune.grow_in_steps)]  # type: ignore[attr-defined]
     known = len(set(base.labels) & set(model.labels))
+    grown = (
+        f"upcycled into {len(model.moe_layers())} MoE layers"
+        if finetune.upcycle
+        else f"{len(new)} new experts"
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return (
         f"fine-tuning {finetune.checkpoint}: {len(model.labels)} labels ({known} known), "
-        f"{len(model.vocab) - len(base.vocab)} new words, {len(new)} new experts, "
+        f"{len(model.vocab) - len(base.vocab)} new words, {grown}, "
         f"frozen: {', '.join(finetune.freeze) or 'nothing'}; {trainable:,} of {total:,} parameters train"
     )
