@@ -4,6 +4,12 @@
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml                       # moe, dense
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants remedies   # every remedy
     python benchmarks/moe_vs_dense.py --config configs/default.yaml --variants moe dense --seeds 0 1 2
+    python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants upcycling --seeds 0 1 2
+
+``upcycling``: the dense twin is trained once (seed 0) as the base; then, per seed, it is trained further for
+the config's epochs as it is (``dense-continued``) and upcycled into MoE (``upcycled``,
+``--finetune.upcycle true``: top-1 experts that start as copies of each MoE block's dense FFN), with the
+same optimiser settings: the sparse upcycling recipe against spending the same steps on the dense model.
 
 Variants change only the MoE settings of the config (``VARIANTS``); ``dense`` puts the dense FFN of the same
 active parameters in place of every MoE FFN (``moe.every: 0``, see ``configs/default_dense.yaml``). Each run
@@ -36,17 +42,20 @@ VARIANTS: dict[str, list[str]] = {
     "z-loss-0.01": [f"{MOE}z_loss_coef=0.01"],
     "expert-choice": [f"{MOE}router=expert_choice", f"{MOE}capacity_factor=1.0"],
     "balance-per-batch": [f"{MOE}balance_groups=batch"],
+    "dense-continued": ["--finetune.checkpoint={base}"],
+    "upcycled": ["--finetune.checkpoint={base}", "--finetune.upcycle=true"],
 }
-GROUPS = {"remedies": [v for v in VARIANTS if v != "dense"]}
+REMEDIES = ["balance-0.1", "balance-0", "bias-balancing", "z-loss-0", "z-loss-0.01", "expert-choice"]
+GROUPS = {"remedies": ["moe", *REMEDIES, "balance-per-batch"], "upcycling": ["dense-continued", "upcycled"]}
 SCORES = ("test/acc", "test/macro_f1", "test/caption_exact", "test/bleu4")
 
 
-def run(config: str, variant: str, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
+def run(config: str, variant: str, seed: int, out: Path, extra: list[str], base: str = "") -> dict[str, Any]:
     folder = out / variant / f"seed{seed}"
     metrics = folder / "metrics.json"
     command = [sys.executable, "train.py", "fit", f"--config={config}", f"--seed_everything={seed}"]
     command += [f"--trainer.default_root_dir={folder}", "--trainer.enable_progress_bar=false"]
-    command += [f"--metrics_file={metrics}", *VARIANTS[variant], *extra]
+    command += [f"--metrics_file={metrics}", *(a.format(base=base) for a in VARIANTS[variant]), *extra]
     start = time.monotonic()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.monotonic() - start
@@ -117,10 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
+    base = ""
+    if any("{base}" in a for v in variants for a in VARIANTS[v]):  # upcycling: the dense base, once
+        run(args.config, "dense", 0, out / "base", args.extra)
+        [base_path] = (out / "base" / "dense" / "seed0").rglob("last.ckpt")
+        base = str(base_path)
     runs = []
     for seed in args.seeds:  # seeds outermost: an interrupted study still compares every variant
         for variant in variants:
-            runs.append(run(args.config, variant, seed, out, args.extra))
+            runs.append(run(args.config, variant, seed, out, args.extra, base))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     study = {
         "config": args.config,
