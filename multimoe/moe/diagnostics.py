@@ -63,7 +63,6 @@ class RoutingTally:
     """Counts of one MoE layer over an evaluation set; ``M`` modalities, ``E`` experts, ``C`` classes."""
 
     assigned: torch.Tensor  # (M, E) content-weighted (token, expert) assignments
-    units: torch.Tensor  # (M,) content-weighted tokens
     label: torch.Tensor  # (M, E, C) tokens by top expert and class label
     position: torch.Tensor  # (M, E, MAX_POSITION) tokens by top expert and position
     top: torch.Tensor  # (M, E) tokens by top expert
@@ -78,7 +77,6 @@ class RoutingTally:
         m, e = num_modalities, num_experts
         return cls(
             zeros(m, e, dtype=torch.float64),
-            zeros(m, dtype=torch.float64),
             zeros(m, e, max(num_classes, 1)),
             zeros(m, e, MAX_POSITION),
             zeros(m, e),
@@ -98,12 +96,9 @@ class RoutingTally:
         m, e = self.top.shape
         self.top += torch.bincount(modality * e + top_expert, minlength=m * e).view(m, e)
         if chosen is not None:
-            k = chosen.shape[1]
-            flat = (modality[:, None] * e + chosen).flatten()
-            self.assigned += torch.bincount(flat, weight.double().repeat_interleave(k), minlength=m * e).view(
-                m, e
-            )
-            self.units += torch.bincount(modality, weight.double(), minlength=m)
+            cells = (modality[:, None] * e + chosen).flatten()
+            weights = weight.double().repeat_interleave(chosen.shape[1])
+            self.assigned += torch.bincount(cells, weights, minlength=m * e).view(m, e)
         keep = label >= 0
         c = self.label.shape[2]
         cells = (modality * e + top_expert)[keep] * c + label[keep].clamp_max(c - 1)
