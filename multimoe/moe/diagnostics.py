@@ -176,6 +176,6 @@ def verdicts(shares: torch.Tensor, allowed: torch.Tensor, top_k: int) -> list[Ve
             found.append(Verdict("collapse", m, options[low], float(row[low]), even, what))
         elif float(row[high]) > UNEVEN * even or float(row[low]) < even / UNEVEN:
             e = high if float(row[high]) / even >= even / max(float(row[low]), 1e-12) else low
-            what = f"{float(row[e]):.2f} of the assignments"
+            what = f"gets {float(row[e]):.2f} of the assignments"
             found.append(Verdict("imbalance", m, options[e], float(row[e]), even, what))
     return found
