@@ -406,6 +406,43 @@ class GenerationConfig:
         _check(0.0 < self.top_p <= 1.0, "GenerationConfig.top_p", f"must be in (0, 1], got {self.top_p}")
 
 
+LORA_TARGETS = ("text", "image", "audio", "attention", "experts", "router")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on parts of a model whose other weights stay frozen; ``r = 0``: none.
+
+    ``targets``: any of ``LORA_TARGETS``. ``text`` / ``image`` / ``audio``: that modality's encoder (its
+    linear and convolution layers; ``nn.MultiheadAttention`` stays frozen) and its projector.
+    ``attention``: the trunk's attention. ``experts``: the trunk's feed-forward layers, each routed expert
+    with its own adapter, the shared experts and the dense FFN of blocks without MoE. ``router``: the
+    routers, trained in full (an ``(E, d)`` projection has fewer weights than one adapter pair of rank
+    ``E``). The heads train in full. ``alpha``: the adapters' output is scaled by ``alpha / r``. ``base``:
+    the checkpoint or saved model the adapters were trained on (``finetune.checkpoint``), which an adapter
+    saved alone loads onto."""
+
+    r: int = 0
+    alpha: int = 16
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    base: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "LoraConfig.r", f"must be >= 0 (0 = no adapters), got {self.r}")
+        _check(self.alpha > 0, "LoraConfig.alpha", f"must be > 0, got {self.alpha}")
+        for name in self.targets:
+            _check(
+                name in LORA_TARGETS,
+                "LoraConfig.targets",
+                f"unknown target {name!r}; allowed: {', '.join(LORA_TARGETS)}",
+            )
+        _check(self.r == 0 or bool(self.targets), "LoraConfig.targets", "needs at least one target")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
 @dataclass
 class MultiMoEConfig:
     """The whole model: which modalities, their encoders, the shared MoE trunk and the heads."""
@@ -418,6 +455,7 @@ class MultiMoEConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.modalities) > 0, "MultiMoEConfig.modalities", "needs at least one modality")
@@ -448,6 +486,7 @@ class MultiMoEConfig:
             "moe": MoEConfig,
             "classifier": ClassifierConfig,
             "caption": CaptionConfig,
+            "lora": LoraConfig,
         }
         unknown = set(data) - set(parts) - {"modalities"}
         _check(not unknown, "MultiMoEConfig", f"unknown fields {sorted(unknown)}")

@@ -3,14 +3,17 @@ that knows the concrete classes."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import multimoe.lora as lora
 from multimoe.config import GenerationConfig, MultiMoEConfig
 from multimoe.encoders import AudioEncoder, ImageEncoder, Projector, TextEncoder
 from multimoe.heads import CaptionDecoder, ClassificationHead
@@ -19,8 +22,11 @@ from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer, RouterStats, modality_expert_mask
 from multimoe.moe.router import Router
 from multimoe.pretrained import CheckpointError, Pretrained, read_checkpoint, saved_form
+from multimoe.surgery import transfer
 from multimoe.tokenizer import WordTokenizer
 from multimoe.trunk import MLP, Block, SharedTransformer
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"  # LoRA adapters saved alone
 
 
 @dataclass
@@ -157,11 +163,15 @@ class MultiMoE(nn.Module, Pretrained):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any
     ) -> MultiMoE:
-        """A saved model folder, a hub id, or a ``train.py`` checkpoint file (``.ckpt``, see
-        ``from_checkpoint``): the one door through which tools and fine-tuning load a model."""
+        """A saved model folder, a hub id, a ``train.py`` checkpoint file (``.ckpt``, see
+        ``from_checkpoint``) or a folder of LoRA adapters saved alone (``save_adapter``; ``base=`` overrides
+        the base model it names): the one door through which tools and fine-tuning load a model."""
         path = Path(pretrained_model_name_or_path)
+        base = kwargs.pop("base", None)
         if path.suffix == ".ckpt" or path.is_file():
             return cls.from_checkpoint(path)
+        if (path / ADAPTER_CONFIG).is_file():
+            return cls.from_adapter(path, base)
         return cast(MultiMoE, super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
 
     @classmethod
@@ -180,6 +190,42 @@ class MultiMoE(nn.Module, Pretrained):
     def saved_config(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "labels": self.labels, "vocab": self.vocab}
 
+    def save_adapter(self, folder: str | Path, base: str | Path | None = None) -> Path:
+        """Write what a LoRA fine-tune added to its base to ``folder`` (a few MB): ``adapter.json`` (config,
+        labels, vocabulary) and ``adapter.safetensors``. That is the adapters, and every other weight or
+        buffer that differs from what ``surgery.transfer`` from the base gives (the heads, new label rows, a
+        grown model's routing bias). ``base``: the model it was fine-tuned from (default: the one
+        ``config.lora.base`` names)."""
+        if not self.config.lora.enabled:
+            raise ValueError("the model has no LoRA adapters to save (config.lora.r = 0)")
+        start = _on_base(self.config, self.labels, self.vocab, base).state_dict()
+        weights = {
+            name: value.detach().contiguous()
+            for name, value in self.state_dict().items()
+            if lora.is_adapter_weight(name) or not torch.equal(value, start[name])
+        }
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, folder / ADAPTER_WEIGHTS)
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(self.saved_config(), indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_adapter(cls, folder: str | Path, base: str | Path | None = None) -> MultiMoE:
+        """The fine-tuned model of an adapter folder (``save_adapter``), built on ``base`` (default: the
+        checkpoint or saved model its config names), adapters unmerged."""
+        folder = Path(folder)
+        saved = json.loads((folder / ADAPTER_CONFIG).read_text())
+        config = MultiMoEConfig.from_dict(saved["config"])
+        model = _on_base(config, saved.get("labels"), saved.get("vocab"), base)
+        weights = load_file(folder / ADAPTER_WEIGHTS)
+        unknown = sorted(set(weights) - set(model.state_dict()))
+        if unknown:
+            where = folder / ADAPTER_WEIGHTS
+            raise ValueError(f"{where}: weight {unknown[0]!r} is not in the model its config builds")
+        model.load_state_dict(weights, strict=False)
+        return model
+
     @classmethod
     def from_saved(cls, saved: dict[str, Any], backbone_files: Path) -> MultiMoE:
         config = MultiMoEConfig.from_dict(saved["config"])
@@ -188,6 +234,24 @@ class MultiMoE(nn.Module, Pretrained):
     def save_backbone_files(self, folder: Path) -> None:
         for key, encoder in self.encoders.items():
             cast(Pretrained, encoder).save_backbone_files(folder / key)
+
+
+def _on_base(
+    config: MultiMoEConfig, labels: list[str] | None, vocab: list[str] | None, base: str | Path | None
+) -> MultiMoE:
+    """A model of ``config`` (with LoRA adapters at their start) carrying the weights of its base model:
+    ``base``, or the checkpoint or saved model ``config.lora.base`` names."""
+    source = base or config.lora.base
+    if not source:
+        raise ValueError("the adapters name no base model; pass base= (the checkpoint they were trained on)")
+    if not Path(source).exists() and Path(source).suffix == ".ckpt":
+        raise FileNotFoundError(f"base model of the adapters not found: {source} (pass base=...)")
+    start = MultiMoE.from_pretrained(source)
+    if start.config.lora.enabled:  # fine-tuned from a LoRA model: its adapters are part of the base
+        lora.merge(start)
+    model = build_model(config, labels, vocab)
+    transfer(start, model)
+    return model
 
 
 def build_model(
@@ -225,7 +289,10 @@ def build_model(
     if config.caption.vocab_size > 0:
         c = config.caption
         captioner = CaptionDecoder(c.vocab_size, d, c.depth, c.num_heads, c.d_ff, c.max_length)
-    return MultiMoE(config, encoders, projectors, trunk, classifier, captioner, labels, vocab)
+    model = MultiMoE(config, encoders, projectors, trunk, classifier, captioner, labels, vocab)
+    if config.lora.enabled:
+        lora.attach(model, config.lora)
+    return model
 
 
 def _ffn(config: MultiMoEConfig, index: int, modalities: list[Modality]) -> MLP | MoELayer:

@@ -12,21 +12,27 @@ copy of one of its modality's experts (a new modality's, of a cross-modal one), 
 starts with a selection bias low enough that no token can pick it, bound from the router weights and the
 layer norm before the layer. Training raises that bias to its modality's level
 (``multimoe.training.callbacks.GrowIn``).
+
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+import multimoe.lora as lora
 from multimoe.config import ConfigError, Modality, MoEConfig, MultiMoEConfig
-from multimoe.model import MultiMoE
+from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer
 from multimoe.moe.router import Router
 from multimoe.trunk import MLP
+
+if TYPE_CHECKING:  # the model saves and loads LoRA adapters with ``transfer``
+    from multimoe.model import MultiMoE
 
 
 def grown_config(
@@ -84,7 +90,8 @@ class NewExpert:
 
 def transfer(base: MultiMoE, model: MultiMoE) -> list[NewExpert]:
     """Copy the base model's weights into ``model`` (same trunk depth and widths; maybe more labels, words,
-    modalities or experts, see the module docstring). Returns the new experts, for ``GrowIn``."""
+    modalities or experts, see the module docstring; maybe LoRA adapters, which keep their start). Returns
+    the new experts, for ``GrowIn``."""
     target = model.state_dict()
     source = base.state_dict()
     moe_prefixes = [name for name, module in model.named_modules() if isinstance(module, MoELayer)]
@@ -93,9 +100,9 @@ def transfer(base: MultiMoE, model: MultiMoE) -> list[NewExpert]:
             ".router." in name or ".experts." in name
         ):
             continue  # below, expert by expert
-        old = source.get(name)
+        old = source.get(name.replace(".base_layer", ""))  # a LoRA-wrapped layer's own weights
         if old is None:
-            continue  # a new modality's encoder and projector: fresh
+            continue  # a new modality's encoder and projector, LoRA adapters: fresh
         if old.shape == value.shape:
             value.copy_(old)
         elif name.startswith("classifier.out."):
@@ -116,9 +123,11 @@ def transfer(base: MultiMoE, model: MultiMoE) -> list[NewExpert]:
         old_layer, layer = base.get_submodule(prefix), model.get_submodule(prefix)
         assert isinstance(layer, MoELayer)
         if isinstance(old_layer, MLP):  # upcycling: every expert starts as the dense FFN
+            experts = lora.unwrapped(layer.experts)
+            assert isinstance(experts, Experts)
             with torch.no_grad():
-                layer.experts.w_in.copy_(old_layer.gate_up.weight.expand_as(layer.experts.w_in))
-                layer.experts.down_proj.copy_(old_layer.down.weight.expand_as(layer.experts.down_proj))
+                experts.w_in.copy_(old_layer.gate_up.weight.expand_as(experts.w_in))
+                experts.down_proj.copy_(old_layer.down.weight.expand_as(experts.down_proj))
             continue
         assert isinstance(old_layer, MoELayer)
         new += _grow_layer(old_layer, layer, base, model, blocks[prefix])
@@ -138,7 +147,9 @@ def _grow_layer(
     """Expert by expert: old experts keep weights, router rows and bias; each new one copies a source."""
     old_epm = base.config.moe.experts_per_modality
     epm = model.config.moe.experts_per_modality
-    cross = layer.experts.num_experts - len(model.modalities) * epm
+    experts = lora.unwrapped(layer.experts)  # its own weights, under any LoRA adapters
+    assert isinstance(experts, Experts)
+    cross = experts.num_experts - len(model.modalities) * epm
     old_slot = {m: i for i, m in enumerate(base.modalities)}
     sources: dict[int, tuple[int, bool]] = {}  # new index -> (old index, whether it is a new expert)
     for slot, m in enumerate(model.modalities):
@@ -151,10 +162,10 @@ def _grow_layer(
                 src = j % old_epm
             sources[slot * epm + j] = (src, m not in old_slot or j >= old_epm)
     for c in range(cross):
-        sources[layer.experts.num_experts - cross + c] = (old.experts.num_experts - cross + c, False)
+        sources[experts.num_experts - cross + c] = (old.experts.num_experts - cross + c, False)
     for e, (src, _) in sources.items():
-        layer.experts.w_in[e] = old.experts.w_in[src]
-        layer.experts.down_proj[e] = old.experts.down_proj[src]
+        experts.w_in[e] = old.experts.w_in[src]
+        experts.down_proj[e] = old.experts.down_proj[src]
         layer.router.proj.weight[e] = old.router.proj.weight[src]
     router = layer.router
     if router.bias is None:

@@ -251,7 +251,8 @@ def test_fine_tuning_starts_from_a_saved_model_folder(
     from multimoe.training.cli import main
 
     checkpoint, _ = trained
-    folder = convert(checkpoint, tmp_path / "saved")
+    folder = tmp_path / "saved"
+    convert(checkpoint, folder)
     root = tmp_path / "run"
     main(
         [
@@ -278,7 +279,9 @@ def doc_commands(text: str) -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     joined = "\n".join(blocks).replace("\\\n", " ")
     return [
-        shlex.split(line) for line in joined.splitlines() if line.startswith("python ") and "<<" not in line
+        shlex.split(line, comments=True)
+        for line in joined.splitlines()
+        if line.startswith("python ") and "<<" not in line
     ]
 
 
@@ -287,14 +290,15 @@ def test_the_csv_fine_tune_walkthrough_runs_as_written(
     trained: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
     """docs/finetune.md from a fresh folder beside ../shared: its manifest script, the checker, the
-    fine-tuning command (from the test fixture's checkpoint, a few steps) and the evaluation without audio."""
+    fine-tuning command (from the test fixture's checkpoint, a few steps), the evaluation without audio, and
+    the LoRA fine-tune with its adapter saved alone and merged."""
     text = (ROOT / "docs" / "finetune.md").read_text()
     script = text.split("python - <<'PY'\n")[1].split("\nPY\n")[0]
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
     subprocess.run([sys.executable, "-c", script], cwd=work, check=True, timeout=120)
-    check, fit, test = doc_commands(text)
+    check, fit, test, lora_fit, save_adapter, merge = doc_commands(text)
     assert check[:3] == ["python", "-m", "multimoe.tools.check"]
     assert fit[1:3] == ["train.py", "fit"] and test[1:3] == ["train.py", "test"]
     few = [
@@ -321,6 +325,18 @@ def test_the_csv_fine_tune_walkthrough_runs_as_written(
     [tuned] = (tmp_path / "run").rglob("last.ckpt")  # under lightning_logs/version_0/checkpoints, as written
     test[test.index("--ckpt_path") + 1] = str(tuned)
     assert "test/acc" in python([*test, *few[2:]]).stdout
+
+    lora_fit[lora_fit.index("--finetune.checkpoint") + 1] = str(trained[0])
+    lora_run = [*few[:-1], f"--trainer.default_root_dir={tmp_path / 'lora'}"]
+    assert "LoRA r=8 on image, audio, attention, experts" in python([*lora_fit, *lora_run]).stderr
+    [adapted] = (tmp_path / "lora").rglob("last.ckpt")
+    assert save_adapter[:3] == ["python", "-m", "multimoe.tools.convert"] and "--merge" in merge
+    python([*save_adapter[:3], str(adapted), *save_adapter[4:]])
+    python(merge)
+    adapter, model = work / save_adapter[-1], work / merge[4]
+    assert {p.name for p in adapter.iterdir()} == {"adapter.json", "adapter.safetensors"}
+    assert MultiMoE.from_pretrained(model).config.lora.r == 0
+    assert MultiMoE.from_pretrained(adapter).config.lora.base == str(trained[0])
 
 
 def test_an_upcycled_model_computes_what_the_dense_one_did(digit_manifests: dict[str, Path]) -> None:

@@ -17,6 +17,7 @@ LIBRARY = {
     "trunk",
     "heads",
     "model",
+    "lora",
     "pretrained",
     "surgery",
     "tokenizer",

@@ -127,9 +127,10 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_line(
         assert line.startswith(f"error: {path}: {message}"), line
 
 
-def test_a_folder_given_as_a_checkpoint_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_that_holds_no_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """convert takes a checkpoint, a saved model folder or an adapter folder; an empty folder is none."""
     line = one_line_error(convert.main, [str(tmp_path), str(tmp_path / "out")], capsys)
-    assert line == f"error: {tmp_path}: a folder, not a checkpoint file"
+    assert line == f"error: {tmp_path}: no config.json, not a folder saved by MultiMoE"
 
 
 # ---- Ctrl-C, and a checkpoint folder that cannot be written ------------------------------------------------

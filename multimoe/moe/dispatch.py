@@ -10,14 +10,16 @@ GPU).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from multimoe.config import DispatchKind
-from multimoe.moe.experts import Experts
 from multimoe.moe.kernels import activate, expert_ffn, grouped_linear
 from multimoe.moe.router import Routing
+
+if TYPE_CHECKING:  # Experts.forward calls run_experts
+    from multimoe.moe.experts import Experts
 
 
 def run_experts(x: torch.Tensor, routing: Routing, experts: Experts, dispatch: DispatchKind) -> torch.Tensor:

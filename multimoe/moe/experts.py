@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multimoe.config import ExpertActivation
+from multimoe.config import DispatchKind, ExpertActivation
+from multimoe.moe.dispatch import run_experts
 from multimoe.moe.kernels import activate
+from multimoe.moe.router import Routing
 
 
 class Experts(nn.Module):
@@ -29,6 +31,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         nn.init.normal_(w_in, std=1.0 / math.sqrt(d_model))
         nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(d_ff))
+
+    def forward(self, x: torch.Tensor, routing: Routing, dispatch: DispatchKind = "auto") -> torch.Tensor:
+        """Tokens ``x (T, d)`` through the experts ``routing`` chose, gated and summed per token: ``(T, d)``.
+        The weights are read here, so a wrapper that adapts them for a forward pass (PEFT's LoRA on
+        parameters) reaches every dispatch path."""
+        return run_experts(x, routing, self, dispatch)
 
     @property
     def num_experts(self) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from multimoe.config import BalanceGroups
-from multimoe.moe.dispatch import DispatchKind, run_experts
+from multimoe.moe.dispatch import DispatchKind
 from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
 from multimoe.moe.router import Router, Routing
@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
         if not self.training and (self.eval_capacity_factor > 0 or self.router.kind != "expert_choice"):
             capacity = self.eval_capacity_factor
         routing = self.router(x, modality_ids, capacity)
-        y = run_experts(x, routing, self.experts, self.dispatch)  # (T, d)
+        y = self.experts(x, routing, self.dispatch)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)
         return y, self._stats(routing, modality_ids)

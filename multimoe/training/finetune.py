@@ -10,18 +10,22 @@ manifest. Then:
 - new words (captions, scratch text encoder) are appended to the vocabulary; known words keep their embedding;
 - ``freeze``: parts whose parameters stay bit-identical (and which run in eval mode);
 - ``add_experts`` / ``add_modalities``: the model grows (``multimoe.surgery``) and still computes what the
-  checkpoint did; the new experts join the routing over ``grow_in_steps`` steps (``callbacks.GrowIn``).
+  checkpoint did; the new experts join the routing over ``grow_in_steps`` steps (``callbacks.GrowIn``);
+- ``lora``: LoRA adapters (PEFT, ``multimoe.lora``) on the parts ``lora.targets`` names; the rest is frozen
+  but the heads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 from torch import nn
 
-from multimoe.config import MODALITY_NAMES, ConfigError, MoEConfig, config_from_dict
+import multimoe.lora as lora
+from multimoe.config import MODALITY_NAMES, ConfigError, LoraConfig, MoEConfig, config_from_dict
 from multimoe.model import MultiMoE
 from multimoe.moe.router import Router
 from multimoe.surgery import grown_config, transfer, upcycled_config
@@ -58,8 +62,11 @@ class FinetuneConfig:
     upcycle: bool = False
     grow_in_steps: int = 200
     grow_bias_rate: float = 0.001
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = config_from_dict(LoraConfig, self.lora)
         unknown = sorted(set(self.freeze) - set(FREEZABLE))
         if unknown:
             raise ConfigError(
@@ -67,6 +74,12 @@ class FinetuneConfig:
             )
         if self.add_experts < 0 or self.grow_in_steps < 1 or self.grow_bias_rate <= 0:
             raise ConfigError("finetune: add_experts must be >= 0, grow_in_steps >= 1 and grow_bias_rate > 0")
+        if self.lora.enabled and (self.add_modalities or self.upcycle):
+            raise ConfigError(
+                "finetune.lora: new modalities and upcycled experts start untrained; fine-tune in full first"
+            )
+        if self.lora.enabled and self.add_experts and not {"experts", "router"} <= set(self.lora.targets):
+            raise ConfigError("finetune.lora: new experts need targets experts and router to train")
 
 
 def freeze(model: MultiMoE, parts: list[str]) -> list[nn.Module]:
@@ -108,10 +121,14 @@ def prepare(cfg: Any) -> tuple[MultiMoE, FinetuneConfig] | None:
         return None
     finetune = FinetuneConfig(**cfg.finetune.as_dict())
     if not finetune.checkpoint:
-        if finetune.add_experts or finetune.add_modalities or finetune.upcycle:
-            raise ConfigError("finetune: add_experts, add_modalities and upcycle need finetune.checkpoint")
+        if finetune.add_experts or finetune.add_modalities or finetune.upcycle or finetune.lora.enabled:
+            raise ConfigError(
+                "finetune: add_experts, add_modalities, upcycle and lora need finetune.checkpoint"
+            )
         return None
     base = MultiMoE.from_pretrained(finetune.checkpoint)
+    if base.config.lora.enabled:  # its adapters become part of the weights fine-tuned now
+        lora.merge(base)
     if finetune.upcycle:
         if finetune.add_experts or finetune.add_modalities:
             raise ConfigError("finetune.upcycle: grow the upcycled model in a later fine-tune")
@@ -121,6 +138,8 @@ def prepare(cfg: Any) -> tuple[MultiMoE, FinetuneConfig] | None:
         grown = grown_config(
             base.config, finetune.add_experts, tuple(finetune.add_modalities), finetune.grow_bias_rate
         )
+    if finetune.lora.enabled:
+        grown = dataclasses.replace(grown, lora=dataclasses.replace(finetune.lora, base=finetune.checkpoint))
     set_model_config(cfg, grown.to_dict(), base.vocab)
     return base, finetune
 
@@ -141,6 +160,8 @@ def apply(base: MultiMoE, finetune: FinetuneConfig, model: MultiMoE, trainer: L.
     Returns a one-line summary."""
     new = transfer(base, model)
     frozen = freeze(model, finetune.freeze)
+    if model.config.lora.enabled:
+        frozen += _outside_adapters(model)
     if trainer is not None:
         trainer.callbacks += [KeepFrozen(frozen), GrowIn(new, finetune.grow_in_steps)]  # type: ignore[attr-defined]
     known = len(set(base.labels) & set(model.labels))
@@ -149,6 +170,8 @@ def apply(base: MultiMoE, finetune: FinetuneConfig, model: MultiMoE, trainer: L.
         if finetune.upcycle
         else f"{len(new)} new experts"
     )
+    if finetune.lora.enabled:
+        grown += f", LoRA r={finetune.lora.r} on {', '.join(finetune.lora.targets)}"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return (
@@ -156,3 +179,14 @@ def apply(base: MultiMoE, finetune: FinetuneConfig, model: MultiMoE, trainer: L.
         f"{len(model.vocab) - len(base.vocab)} new words, {grown}, "
         f"frozen: {', '.join(finetune.freeze) or 'nothing'}; {trainable:,} of {total:,} parameters train"
     )
+
+
+def _outside_adapters(model: MultiMoE) -> list[nn.Module]:
+    """With LoRA, what runs in eval mode besides ``freeze``'s parts: the encoders without adapters, and the
+    batch-norm layers (their statistics are not adapters). Routers outside the targets keep their bias."""
+    targets = model.config.lora.targets
+    parts = [key for key in model.encoders if key not in targets]
+    if "router" not in targets:
+        parts.append("router")
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return freeze(model, parts) + batch_norms
