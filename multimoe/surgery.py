@@ -1,5 +1,6 @@
-"""Weight surgery on a trained ``MultiMoE``: grow it by experts or by a modality, or turn a dense model into
-an MoE one (sparse upcycling), while it computes exactly what it computed before.
+"""Weight surgery on a trained ``MultiMoE``: grow it by experts or by a modality, turn a dense model into
+an MoE one (sparse upcycling), or slice it down to some modalities and heads, while it computes exactly what
+it computed before.
 
 ``upcycled_config`` makes a dense model's chosen blocks MoE blocks of top-1 experts as wide as its dense FFN;
 ``transfer`` then starts every expert as a copy of that block's FFN (Komatsuzaki et al., 2023), so the
@@ -76,6 +77,33 @@ def upcycled_config(dense: MultiMoEConfig, moe: MoEConfig) -> MultiMoEConfig:
         eval_capacity_factor=0.0,
     )
     return dataclasses.replace(dense, moe=upcycled)
+
+
+def sliced_config(
+    config: MultiMoEConfig, modalities: list[str], classify: bool = True, caption: bool = True
+) -> MultiMoEConfig:
+    """``config`` reading only ``modalities``, with the classifier and the caption decoder only where asked:
+    ``transfer`` into it keeps those encoders and projectors, their modality experts with the cross-modal
+    and shared ones, and the router rows those experts need. A token's router only ever sees its modality's
+    experts and the cross-modal ones, so on inputs of those modalities the slice computes what the whole
+    model does."""
+    unknown = sorted(set(modalities) - set(config.modalities)) or ([] if modalities else ["nothing"])
+    if unknown:
+        reads = ", ".join(config.modalities)
+        raise ConfigError(f"slice: the model reads {reads}; it cannot keep {unknown[0]!r}")
+    classify, caption = (
+        classify and config.classifier.num_classes > 0,
+        caption and config.caption.vocab_size > 0,
+    )
+    if not (classify or caption):
+        raise ConfigError("slice: none of the heads asked for is in the model")
+    no_classifier = dataclasses.replace(config.classifier, enabled=False, num_classes=0)
+    return dataclasses.replace(
+        config,
+        modalities=list(modalities),
+        classifier=config.classifier if classify else no_classifier,
+        caption=config.caption if caption else dataclasses.replace(config.caption, vocab_size=0),
+    )
 
 
 @dataclass
