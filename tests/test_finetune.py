@@ -298,7 +298,8 @@ def test_the_csv_fine_tune_walkthrough_runs_as_written(
     work.mkdir()
     (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
     subprocess.run([sys.executable, "-c", script], cwd=work, check=True, timeout=120)
-    check, fit, test, lora_fit, save_adapter, merge = doc_commands(text)
+    check, fit, test, lora_fit, save_adapter, merge, *measured = doc_commands(text)
+    assert measured and all(command[1] == "benchmarks/lora_finetune.py" for command in measured)
     assert check[:3] == ["python", "-m", "multimoe.tools.check"]
     assert fit[1:3] == ["train.py", "fit"] and test[1:3] == ["train.py", "test"]
     few = [
