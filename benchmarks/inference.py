@@ -76,7 +76,7 @@ def batches(model: Any, manifest: str, dropped: list[str], batch_size: int) -> l
 
 
 @torch.no_grad()
-def quality(model: Any, test: list[Any]) -> dict[str, float]:
+def quality(model: Any, test: list[Any]) -> dict[str, Any]:
     from multimoe.data.dataset import IGNORE_INDEX
 
     right = labelled = exact = captioned = 0
@@ -91,7 +91,10 @@ def quality(model: Any, test: list[Any]) -> dict[str, float]:
                 if refs:
                     exact += caption in [model.words.normalize(r) for r in refs]
                     captioned += 1
-    return {"acc": right / max(labelled, 1), "caption_exact": exact / max(captioned, 1)}
+    return {
+        "acc": right / labelled if labelled else None,
+        "caption_exact": exact / captioned if captioned else None,
+    }
 
 
 def saved_bytes(model: Any) -> int:
@@ -173,7 +176,8 @@ def main() -> None:
     if args.memory_of:
         print(forward_peak(builders[args.memory_of], args.manifest))
         return
-    runs, report = {}, {}
+    runs: dict[str, Any] = {}
+    report: dict[str, dict[str, Any]] = {}
     for name, build in builders.items():
         model, dropped = build()
         full = batches(model, args.manifest, dropped, 64)
