@@ -1,7 +1,8 @@
-"""Inference on CPU: the whole model, the model sliced to some modalities, and int8 weights, on one checkpoint
-and its test set, in one process.
+"""Inference on CPU: the whole model, the model sliced to some modalities, int8 weights and the dense twin, on
+one checkpoint and its test set, in one process.
 
-    python benchmarks/inference.py CHECKPOINT --manifest datasets/mmdigits/data/test.jsonl --slice image,audio
+    python benchmarks/inference.py CHECKPOINT --manifest datasets/mmdigits/data/test.jsonl \
+        --slice image,audio [--dense DENSE_CHECKPOINT]
 
 Per variant:
 - test accuracy and caption exact match (the sliced one on the test set without the other modalities, next
@@ -35,7 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def variants(checkpoint: str, keep: list[str]) -> dict[str, Callable[[], tuple[Any, list[str]]]]:
+def variants(
+    checkpoint: str, keep: list[str], dense: str | None = None
+) -> dict[str, Callable[[], tuple[Any, list[str]]]]:
     """name -> a function that builds (model, modalities dropped from its input)."""
     from multimoe.model import MultiMoE, build_model
     from multimoe.quantize import quantize_int8
@@ -52,12 +55,15 @@ def variants(checkpoint: str, keep: list[str]) -> dict[str, Callable[[], tuple[A
 
     config = MultiMoE.from_pretrained(checkpoint).config
     dropped = [m for m in config.modalities if m not in keep]
-    return {
+    builders = {
         "fp32": lambda: (whole(), []),
         "int8": lambda: (quantize_int8(whole()), []),
         f"fp32 on {','.join(keep)}": lambda: (whole(), dropped),
         f"sliced to {','.join(keep)}": lambda: (sliced(), dropped),
     }
+    if dense:
+        builders["dense twin"] = lambda: (MultiMoE.from_pretrained(dense).eval(), [])
+    return builders
 
 
 def batches(model: Any, manifest: str, dropped: list[str], batch_size: int) -> list[Any]:
@@ -134,6 +140,7 @@ def peak_memory(args: argparse.Namespace, name: str) -> list[float]:
     """MB the peak RSS rises over one batch-64 forward of ``name``, in 3 fresh processes (``forward_peak``),
     sorted: the allocator's reuse of what loading freed makes single runs vary by tens of MB."""
     command = [sys.executable, __file__, args.checkpoint, "--manifest", args.manifest, "--slice", args.slice]
+    command += ["--dense", args.dense] if args.dense else []
     runs = [
         subprocess.run([*command, "--memory-of", name], capture_output=True, text=True, check=True)
         for _ in range(3)
@@ -166,13 +173,14 @@ def main() -> None:
     parser.add_argument("checkpoint", help="a train.py checkpoint or a saved model folder")
     parser.add_argument("--manifest", required=True, help="the test manifest")
     parser.add_argument("--slice", default="image,audio", help="modalities the sliced variant keeps")
+    parser.add_argument("--dense", help="the dense twin's checkpoint (moe.every: 0), to run beside")
     parser.add_argument("--samples", type=int, default=50, help="batch-1 samples timed per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep = [m for m in args.slice.split(",") if m]
-    builders = variants(args.checkpoint, keep)
+    builders = variants(args.checkpoint, keep, args.dense)
     if args.memory_of:
         print(forward_peak(builders[args.memory_of], args.manifest))
         return

@@ -327,6 +327,8 @@ def test_the_csv_fine_tune_walkthrough_runs_as_written(
     test[test.index("--ckpt_path") + 1] = str(tuned)
     assert "test/acc" in python([*test, *few[2:]]).stdout
 
+    readme = doc_commands((ROOT / "README.md").read_text())
+    assert lora_fit in readme  # the README's LoRA command is the one run here
     lora_fit[lora_fit.index("--finetune.checkpoint") + 1] = str(trained[0])
     lora_run = [*few[:-1], f"--trainer.default_root_dir={tmp_path / 'lora'}"]
     assert "LoRA r=8 on image, audio, attention, experts" in python([*lora_fit, *lora_run]).stderr
