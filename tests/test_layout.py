@@ -18,6 +18,7 @@ LIBRARY = {
     "heads",
     "model",
     "lora",
+    "quantize",
     "pretrained",
     "surgery",
     "tokenizer",
