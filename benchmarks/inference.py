@@ -40,26 +40,28 @@ def variants(
     checkpoint: str, keep: list[str], dense: str | None = None
 ) -> dict[str, Callable[[], tuple[Any, list[str]]]]:
     """name -> a function that builds (model, modalities dropped from its input)."""
-    from multimoe.model import MultiMoE, build_model
+    from multimoe.model import MultiMoE
     from multimoe.quantize import quantize_int8
-    from multimoe.surgery import sliced_config, transfer
 
     def whole() -> Any:
         return MultiMoE.from_pretrained(checkpoint).eval()
 
-    def sliced() -> Any:
-        source = whole()
-        model = build_model(sliced_config(source.config, keep), source.labels, source.vocab).eval()
-        transfer(source, model)
-        return model
+    def on_kept(model: Any, source: Any) -> tuple[Any, list[str]]:
+        return model, [m for m in source.config.modalities if m not in keep]
 
-    config = MultiMoE.from_pretrained(checkpoint).config
-    dropped = [m for m in config.modalities if m not in keep]
+    def sliced() -> tuple[Any, list[str]]:
+        source = whole()
+        return on_kept(source.sliced(keep), source)
+
+    def fp32_on_kept() -> tuple[Any, list[str]]:
+        model = whole()
+        return on_kept(model, model)
+
     builders = {
         "fp32": lambda: (whole(), []),
         "int8": lambda: (quantize_int8(whole()), []),
-        f"fp32 on {','.join(keep)}": lambda: (whole(), dropped),
-        f"sliced to {','.join(keep)}": lambda: (sliced(), dropped),
+        f"fp32 on {','.join(keep)}": fp32_on_kept,
+        f"sliced to {','.join(keep)}": sliced,
     }
     if dense:
         builders["dense twin"] = lambda: (MultiMoE.from_pretrained(dense).eval(), [])

@@ -3,6 +3,7 @@ that knows the concrete classes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from multimoe.moe.experts import Experts
 from multimoe.moe.layer import MoELayer, RouterStats, modality_expert_mask
 from multimoe.moe.router import Router
 from multimoe.pretrained import CheckpointError, Pretrained, read_checkpoint, saved_form
-from multimoe.surgery import transfer
+from multimoe.surgery import sliced_config, transfer
 from multimoe.tokenizer import WordTokenizer
 from multimoe.trunk import MLP, Block, SharedTransformer
 
@@ -225,6 +226,18 @@ class MultiMoE(nn.Module, Pretrained):
             raise ValueError(f"{where}: weight {unknown[0]!r} is not in the model its config builds")
         model.load_state_dict(weights, strict=False)
         return model
+
+    def sliced(self, modalities: list[str], classify: bool = True, caption: bool = True) -> MultiMoE:
+        """A new model that keeps only what inputs of ``modalities`` reach, and the heads asked for
+        (``surgery.sliced_config``): on such inputs it computes what this model does. Adapters are merged."""
+        source = self
+        if self.config.lora.enabled:
+            source = copy.deepcopy(self)
+            lora.merge(source)
+        config = sliced_config(source.config, modalities, classify, caption)
+        model = build_model(config, source.labels if config.classifier.num_classes else [], source.vocab)
+        transfer(source, model)
+        return model.train(self.training)
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any], backbone_files: Path) -> MultiMoE:

@@ -13,7 +13,6 @@ copy of one of its modality's experts (a new modality's, of a cross-modal one), 
 starts with a selection bias low enough that no token can pick it, bound from the router weights and the
 layer norm before the layer. Training raises that bias to its modality's level
 (``multimoe.training.callbacks.GrowIn``).
-
 """
 
 from __future__ import annotations

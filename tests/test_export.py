@@ -3,14 +3,17 @@ computes exactly what the whole model computes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from multimoe.config import LoraConfig
 from multimoe.data.datamodule import MultiModalDataModule
-from multimoe.model import MultiMoE
+from multimoe.model import MultiMoE, build_model
+from multimoe.surgery import transfer
 from multimoe.tools.export import main as export_main
 from tests.test_finetune import tiny_config, trained_like
 
@@ -91,3 +94,29 @@ def test_a_slice_of_a_modality_the_model_does_not_read_is_one_line(
         "error: slice: the model reads text, image, audio; it cannot keep 'video'"
     )
     assert not (tmp_path / "slice").exists()
+
+
+def test_a_model_with_lora_adapters_slices_with_them_folded_in(digit_manifests: dict[str, Path]) -> None:
+    config = tiny_config()
+    dm = MultiModalDataModule(
+        str(digit_manifests["train"]),
+        val_manifest=str(digit_manifests["val"]),
+        batch_size=16,
+        config=config,
+        drop_modalities=["text"],
+    )
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    base = trained_like(config, dm)
+    lora = LoraConfig(r=2, targets=["image", "experts"])
+    adapted = build_model(dataclasses.replace(base.config, lora=lora), base.labels, base.vocab)
+    transfer(base, adapted)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    sliced = adapted.eval().sliced(["image", "audio"])
+    assert sliced.config.lora.r == 0 and adapted.config.lora.r == 2  # the source keeps its adapters
+    with torch.no_grad():
+        want = adapted(batch.inputs).class_logits  # type: ignore[attr-defined]
+        torch.testing.assert_close(sliced(batch.inputs).class_logits, want, rtol=1e-5, atol=1e-5)  # type: ignore[attr-defined]

@@ -5,7 +5,7 @@
 ``CHECKPOINT``: anything ``MultiMoE.from_pretrained`` takes. ``OUT`` is a saved model folder
 (``MultiMoE.from_pretrained(OUT)``) that keeps the chosen modalities' encoders and projectors, their
 modality experts with the cross-modal and shared ones, the router rows those experts need, and the heads
-asked for (``multimoe.surgery.sliced_config``). On inputs made of those modalities it computes what the
+asked for (``MultiMoE.sliced``). On inputs made of those modalities it computes what the
 whole model computes. A model with LoRA adapters is merged first. Prints parameters and bytes before and
 after.
 """
@@ -23,20 +23,13 @@ HEADS = {"classify": (True, False), "caption": (False, True), "both": (True, Tru
 
 def export(source: str | Path, out: str | Path, modalities: list[str], heads: str = "both") -> dict[str, Any]:
     """Write the slice to ``out``; returns its size against the whole model's."""
-    import multimoe.lora as lora
-    from multimoe.model import MultiMoE, build_model
-    from multimoe.surgery import sliced_config, transfer
+    from multimoe.model import MultiMoE
 
     model = MultiMoE.from_pretrained(source)
-    if model.config.lora.enabled:
-        lora.merge(model)
-    classify, caption = HEADS[heads]
-    config = sliced_config(model.config, modalities, classify, caption)
-    sliced = build_model(config, model.labels if config.classifier.num_classes else [], model.vocab)
-    transfer(model, sliced)
+    sliced = model.sliced(modalities, *HEADS[heads])
     sliced.save_pretrained(out)
     return {
-        "modalities": config.modalities,
+        "modalities": sliced.config.modalities,
         "heads": heads,
         "parameters": {"before": _count(model), "after": _count(sliced)},
         "bytes": {"before": _bytes(model), "after": _bytes(sliced)},
