@@ -1,5 +1,5 @@
-"""Inference on CPU: the whole model, the model sliced to some modalities, int8 weights and the dense twin, on
-one checkpoint and its test set, in one process.
+"""Inference on CPU: the whole model, the model sliced to some modalities, int8 weights, ONNX graphs in
+onnxruntime and the dense twin, on one checkpoint and its test set, in one process.
 
     python benchmarks/inference.py CHECKPOINT --manifest datasets/mmdigits/data/test.jsonl \
         --slice image,audio [--dense DENSE_CHECKPOINT]
@@ -7,7 +7,7 @@ one checkpoint and its test set, in one process.
 Per variant:
 - test accuracy and caption exact match (the sliced one on the test set without the other modalities, next
   to the whole model on that same input);
-- the bytes its weights take when saved (``torch.save`` of the state dict);
+- the bytes its weights take when saved (``torch.save`` of the state dict; the ``.onnx`` files);
 - latency at batch 1 (median and p90 over the first ``--samples`` test samples), and throughput at batch 64;
 - how far the peak RSS rises over one batch-64 forward above the resident set with the model loaded, in
   three fresh processes per variant (Linux: the kernel's peak mark is reset after loading).
@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def variants(
-    checkpoint: str, keep: list[str], dense: str | None = None
+    checkpoint: str, keep: list[str], onnx: str, dense: str | None = None, threads: int = 2
 ) -> dict[str, Callable[[], tuple[Any, list[str]]]]:
-    """name -> a function that builds (model, modalities dropped from its input)."""
+    """name -> a function that builds (model, modalities dropped from its input); ``onnx``: the folder of
+    the checkpoint's graphs (``export_onnx``)."""
     from multimoe.model import MultiMoE
+    from multimoe.portable import OnnxModel
     from multimoe.quantize import quantize_int8
 
     def whole() -> Any:
@@ -60,6 +63,8 @@ def variants(
     builders = {
         "fp32": lambda: (whole(), []),
         "int8": lambda: (quantize_int8(whole()), []),
+        # its threads must not spin between runs: the other variants run in between
+        "onnx": lambda: (OnnxModel(onnx, threads, spinning=False), []),
         f"fp32 on {','.join(keep)}": fp32_on_kept,
         f"sliced to {','.join(keep)}": sliced,
     }
@@ -89,12 +94,12 @@ def quality(model: Any, test: list[Any]) -> dict[str, Any]:
 
     right = labelled = exact = captioned = 0
     for batch in test:
-        if model.classifier is not None:
+        if model.config.classifier.num_classes:
             predicted = model(batch.inputs).class_logits.argmax(-1)
             keep = batch.labels != IGNORE_INDEX
             right += int((predicted[keep] == batch.labels[keep]).sum())
             labelled += int(keep.sum())
-        if model.captioner is not None:
+        if model.config.caption.vocab_size:
             for caption, refs in zip(model.generate(batch.inputs), batch.references, strict=True):
                 if refs:
                     exact += caption in [model.words.normalize(r) for r in refs]
@@ -105,7 +110,27 @@ def quality(model: Any, test: list[Any]) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def agreement(reference: Any, model: Any, test: list[Any]) -> dict[str, Any]:
+    """How far ``model`` strays from ``reference`` on the same batches: the largest class-logit difference,
+    and the shares of equal top-1 classes and equal captions."""
+    diff, same, captions_same, total = 0.0, 0, 0, 0
+    for batch in test:
+        ours, theirs = model(batch.inputs).class_logits, reference(batch.inputs).class_logits
+        if ours is not None:
+            diff = max(diff, float((ours - theirs).abs().max()))
+            same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        if model.config.caption.vocab_size:
+            pairs = zip(model.generate(batch.inputs), reference.generate(batch.inputs), strict=True)
+            captions_same += sum(a == b for a, b in pairs)
+        total += len(batch)
+    caption = captions_same / total if model.config.caption.vocab_size else None
+    return {"max_abs_logit_diff": diff, "same_top1": same / total, "same_caption": caption}
+
+
 def saved_bytes(model: Any) -> int:
+    if hasattr(model, "session"):  # an OnnxModel
+        return sum(p.stat().st_size for p in Path(model.folder).glob("*.onnx"))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell()
@@ -142,6 +167,7 @@ def peak_memory(args: argparse.Namespace, name: str) -> list[float]:
     """MB the peak RSS rises over one batch-64 forward of ``name``, in 3 fresh processes (``forward_peak``),
     sorted: the allocator's reuse of what loading freed makes single runs vary by tens of MB."""
     command = [sys.executable, __file__, args.checkpoint, "--manifest", args.manifest, "--slice", args.slice]
+    command += ["--onnx-dir", args.onnx_dir, "--threads", str(args.threads)]
     command += ["--dense", args.dense] if args.dense else []
     runs = [
         subprocess.run([*command, "--memory-of", name], capture_output=True, text=True, check=True)
@@ -179,13 +205,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50, help="batch-1 samples timed per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep = [m for m in args.slice.split(",") if m]
-    builders = variants(args.checkpoint, keep, args.dense)
     if args.memory_of:
+        builders = variants(args.checkpoint, keep, args.onnx_dir, args.dense, args.threads)
         print(forward_peak(builders[args.memory_of], args.manifest))
         return
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        args.onnx_dir = onnx_dir
+        run(args, keep)
+
+
+def run(args: argparse.Namespace, keep: list[str]) -> None:
+    from multimoe.model import MultiMoE
+    from multimoe.portable import export_onnx
+
+    start = time.perf_counter()
+    export_onnx(MultiMoE.from_pretrained(args.checkpoint), args.onnx_dir)
+    export_s = time.perf_counter() - start
+    builders = variants(args.checkpoint, keep, args.onnx_dir, args.dense, args.threads)
     runs: dict[str, Any] = {}
     report: dict[str, dict[str, Any]] = {}
     for name, build in builders.items():
@@ -196,6 +236,7 @@ def main() -> None:
         report[name] = quality(model, full) | {"saved_bytes": saved_bytes(model)}
     for name, times in timings(runs, args.samples).items():
         report[name] |= times | {"forward_rss_growth_mb": peak_memory(args, name)}
+    report["onnx"] |= {"export_s": export_s} | agreement(runs["fp32"][0], runs["onnx"][0], runs["fp32"][2])
     header = {"checkpoint": args.checkpoint, "manifest": args.manifest, "threads": args.threads}
     print(json.dumps(header | {"torch": torch.__version__, "variants": report}, indent=2))
 

@@ -19,6 +19,7 @@ LIBRARY = {
     "model",
     "lora",
     "quantize",
+    "portable",
     "pretrained",
     "surgery",
     "tokenizer",

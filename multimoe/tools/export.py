@@ -1,13 +1,16 @@
-"""Export a model sliced to the modalities a device will see and the heads it needs:
+"""Export a model for inference: sliced to the modalities a device will see and the heads it needs, as a saved
+model folder or as ONNX graphs.
 
-    python -m multimoe.tools.export CHECKPOINT OUT --modalities image,audio [--heads classify|caption|both]
+    python -m multimoe.tools.export CHECKPOINT OUT [--modalities image,audio] [--heads classify|caption|both]
+        [--onnx]
 
 ``CHECKPOINT``: anything ``MultiMoE.from_pretrained`` takes. ``OUT`` is a saved model folder
 (``MultiMoE.from_pretrained(OUT)``) that keeps the chosen modalities' encoders and projectors, their
 modality experts with the cross-modal and shared ones, the router rows those experts need, and the heads
 asked for (``MultiMoE.sliced``). On inputs made of those modalities it computes what the
-whole model computes. A model with LoRA adapters is merged first. Prints parameters and bytes before and
-after.
+whole model computes. A model with LoRA adapters is merged first. With ``--onnx``, ``OUT`` holds the slice's
+ONNX graphs instead (``multimoe.portable``: ``OnnxModel(OUT)`` runs them). Prints parameters and bytes
+before and after.
 """
 
 from __future__ import annotations
@@ -21,18 +24,32 @@ from typing import Any
 HEADS = {"classify": (True, False), "caption": (False, True), "both": (True, True)}
 
 
-def export(source: str | Path, out: str | Path, modalities: list[str], heads: str = "both") -> dict[str, Any]:
-    """Write the slice to ``out``; returns its size against the whole model's."""
+def export(
+    source: str | Path,
+    out: str | Path,
+    modalities: list[str] | None = None,
+    heads: str = "both",
+    onnx: bool = False,
+) -> dict[str, Any]:
+    """Write the slice to ``out`` (``modalities``: default all); returns its size against the whole
+    model's."""
     from multimoe.model import MultiMoE
 
     model = MultiMoE.from_pretrained(source)
-    sliced = model.sliced(modalities, *HEADS[heads])
-    sliced.save_pretrained(out)
+    sliced = model.sliced(modalities or model.config.modalities, *HEADS[heads])
+    if onnx:
+        from multimoe.portable import export_onnx
+
+        written = sum(path.stat().st_size for path in export_onnx(sliced, out))
+    else:
+        sliced.save_pretrained(out)
+        written = _bytes(sliced)
     return {
         "modalities": sliced.config.modalities,
         "heads": heads,
+        "format": "onnx" if onnx else "folder",
         "parameters": {"before": _count(model), "after": _count(sliced)},
-        "bytes": {"before": _bytes(model), "after": _bytes(sliced)},
+        "bytes": {"before": _bytes(model), "after": written},
     }
 
 
@@ -51,12 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="a .ckpt written by train.py, or a saved model or adapter folder")
     parser.add_argument("out", help="folder to write")
-    parser.add_argument("--modalities", required=True, help="comma-separated, e.g. image,audio")
+    parser.add_argument("--modalities", help="comma-separated, e.g. image,audio (default: all the model has)")
     parser.add_argument("--heads", choices=list(HEADS), default="both")
+    parser.add_argument("--onnx", action="store_true", help="write ONNX graphs (needs the deploy extra)")
     args = parser.parse_args(argv)
-    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    modalities = [m.strip() for m in (args.modalities or "").split(",") if m.strip()] or None
     try:
-        report = export(args.checkpoint, args.out, modalities, args.heads)
+        report = export(args.checkpoint, args.out, modalities, args.heads, args.onnx)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -64,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(report))
     kept = ", ".join(report["modalities"])
     share = f"{after:,} of {before:,} bytes ({after / before:.0%})"
-    print(f"saved {kept} ({args.heads} heads) to {args.out}: {share}")
+    print(f"saved {kept} ({args.heads} heads, {report['format']}) to {args.out}: {share}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
 from multimoe.config import GenerationConfig, GenerationStrategy
+
+if TYPE_CHECKING:
+    from multimoe.data.collate import Batch
+    from multimoe.model import MultiMoE
 
 
 def infer(
@@ -29,11 +33,20 @@ def infer(
 ) -> dict[str, Any]:
     """``{"label", "probability", "caption"}`` (as the model has those heads) for one sample; ``checkpoint``
     is a ``.ckpt`` written by ``train.py`` or a saved model folder."""
+    from multimoe.model import MultiMoE
+
+    model = MultiMoE.from_pretrained(checkpoint).eval()
+    return model.predict(one_sample(model, image, audio, text).inputs, generation)[0]
+
+
+def one_sample(
+    model: MultiMoE, image: str | Path | None = None, audio: str | Path | None = None, text: str | None = None
+) -> Batch:
+    """A batch of one sample made of the given files and text, prepared as ``model`` was trained."""
     from multimoe.data.collate import Collator
     from multimoe.data.dataset import IGNORE_INDEX, Sample
     from multimoe.data.manifest import path_problem
     from multimoe.data.processors import AudioProcessor, ImageProcessor
-    from multimoe.model import MultiMoE
 
     files = {"image": image, "audio": audio}
     for name, path in files.items():
@@ -41,7 +54,6 @@ def infer(
             raise FileNotFoundError(f"--{name} {path}: {problem}")
     if text is not None and not text.strip():
         raise ValueError(f"--text: expected non-empty text, got {text!r}")
-    model = MultiMoE.from_pretrained(checkpoint).eval()
     config = model.config
     given = {name for name, value in (*files.items(), ("text", text)) if value is not None}
     if not given & set(config.modalities):
@@ -58,8 +70,7 @@ def infer(
         caption_ids=None,
         references=[],
     )
-    batch = Collator.for_model(config, model.words)([sample])
-    return model.predict(batch.inputs, generation)[0]
+    return Collator.for_model(config, model.words)([sample])
 
 
 def _load(processor: Any, path: str | Path, name: str) -> torch.Tensor:
