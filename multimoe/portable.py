@@ -21,7 +21,8 @@ the gates of the ones it did not choose are 0. The routing decisions are the mod
 ``allowed experts / top_k`` times the experts' arithmetic (2x for the default config).
 
 Not exported: expert-choice routing and an evaluation capacity (``moe.eval_capacity_factor > 0``), where a
-token's experts depend on the other tokens of the batch; and int8 weights (``multimoe.quantize``).
+token's experts depend on the other tokens of the batch; audio encoders from transformers, whose feature
+extractor prepares each clip in numpy; and int8 weights (``multimoe.quantize``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ class StaticModel(nn.Module):
 
     def __init__(self, model: MultiMoE) -> None:
         super().__init__()
+        if Modality.AUDIO in model.modalities and model.config.audio.backbone != "scratch":
+            raise ValueError(
+                f"audio backbone {model.config.audio.backbone!r} does not export: its transformers feature "
+                "extractor prepares each clip in numpy, outside what a graph can hold"
+            )
         for layer in model.moe_layers():
             if layer.router.kind == "expert_choice" or layer.eval_capacity_factor > 0:
                 raise ValueError(

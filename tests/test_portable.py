@@ -97,8 +97,15 @@ def test_a_sliced_graph_with_shared_experts_a_routing_bias_and_grey_images(
         assert_same(sliced, graph, batch)
 
 
-def test_routing_that_depends_on_the_batch_is_refused(digit_manifests: dict[str, Path]) -> None:
-    config = tiny_config(router="expert_choice", capacity_factor=1.5)
+@pytest.mark.parametrize(
+    "moe",
+    [{"router": "expert_choice", "capacity_factor": 1.5}, {"eval_capacity_factor": 1.0}],
+    ids=["expert-choice", "eval-capacity"],
+)
+def test_routing_that_depends_on_the_batch_is_refused(
+    digit_manifests: dict[str, Path], moe: dict[str, object]
+) -> None:
+    config = tiny_config(**moe)
     data = MultiModalDataModule(str(digit_manifests["train"]), batch_size=8, config=config)
     data.setup("fit")
     with pytest.raises(ValueError, match=r"expert-choice routing .* do not export"):
