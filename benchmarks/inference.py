@@ -1,5 +1,5 @@
 """Inference on CPU: the whole model, the model sliced to some modalities, int8 weights, ONNX graphs in
-onnxruntime and the dense twin, on one checkpoint and its test set, in one process.
+onnxruntime and the dense twin (eager and ONNX), on one checkpoint and its test set, in one process.
 
     python benchmarks/inference.py CHECKPOINT --manifest datasets/mmdigits/data/test.jsonl \
         --slice image,audio [--dense DENSE_CHECKPOINT]
@@ -70,6 +70,7 @@ def variants(
     }
     if dense:
         builders["dense twin"] = lambda: (MultiMoE.from_pretrained(dense).eval(), [])
+        builders["dense twin onnx"] = lambda: (OnnxModel(Path(onnx) / "dense", threads, spinning=False), [])
     return builders
 
 
@@ -225,6 +226,8 @@ def run(args: argparse.Namespace, keep: list[str]) -> None:
     start = time.perf_counter()
     export_onnx(MultiMoE.from_pretrained(args.checkpoint), args.onnx_dir)
     export_s = time.perf_counter() - start
+    if args.dense:
+        export_onnx(MultiMoE.from_pretrained(args.dense), Path(args.onnx_dir) / "dense")
     builders = variants(args.checkpoint, keep, args.onnx_dir, args.dense, args.threads)
     runs: dict[str, Any] = {}
     report: dict[str, dict[str, Any]] = {}
