@@ -13,7 +13,9 @@ loading in the timing). Timing runs all variants in one process, round-robin (on
 after warm-up), and reports median step times: a shared machine's changing load then hits all alike.
 Peak memory comes from a fresh process per variant (warm-up + one step): on CPU the growth of the peak RSS
 from before the first step (for the compiled variants it includes the compiler's own memory), on CUDA
-``torch.cuda.max_memory_allocated``. Tokens are the real (unpadded) trunk tokens. Prints one JSON document.
+``torch.cuda.max_memory_allocated``. Tokens are the real (unpadded) trunk tokens. Model FLOPs per step are
+counted by ``torch.utils.flop_counter`` on the dense model's forward and backward (the work of every variant);
+MFU divides the achieved rate by the device's dense bf16 peak. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -75,8 +78,35 @@ def build(variant: str, args: argparse.Namespace) -> Callable[[int], int]:
             torch.cuda.synchronize()
         return int(out.trunk.mask.sum())
 
+    def flops(i: int) -> int:
+        """Forward and backward of batch ``i``, counted by ``torch.utils.flop_counter`` (no update)."""
+        batch = batches[i % len(batches)]
+        with FlopCounterMode(display=False) as counter:
+            with autocast:
+                loss = module._losses(batch, module(batch))["loss"]
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
     step.trunk_params = sum(p.numel() for p in module.model.trunk.parameters())  # type: ignore[attr-defined]
+    step.flops = flops  # type: ignore[attr-defined]
     return step
+
+
+def model_flops(steps: dict[str, Callable[[int], int]], args: argparse.Namespace) -> float:
+    """FLOPs of one training step, the same for every variant: counted on the dense model, which does the
+    work a MoE token does (the MoE kernels are custom operators that the counter does not see)."""
+    dense = steps.get("dense-eager") or build("dense-eager", args)
+    return statistics.mean(dense.flops(i) for i in range(args.batches))  # type: ignore[attr-defined]
+
+
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    """The device's dense bf16 peak (``--peak_tflops``, or known for H100/H200/A100), for MFU."""
+    if args.peak_tflops or args.device != "cuda" or args.precision != "bf16":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    known = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # SXM parts, dense bf16 tensor cores
+    return next((peak for part, peak in known.items() if part in name), None)
 
 
 def peak_memory(variant: str, args: argparse.Namespace) -> float:
@@ -106,9 +136,11 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
             start = time.perf_counter()
             tokens[variant].append(step(args.warmup + i))
             seconds[variant].append(time.perf_counter() - start)
+    flops, peak = model_flops(steps, args), peak_tflops(args)
     rows = []
     for variant, step in steps.items():
         median = statistics.median(seconds[variant])
+        achieved = flops / median / 1e12
         rows.append(
             {
                 "variant": variant,
@@ -116,6 +148,9 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "samples_per_s": round(args.batch_size / median, 2),
                 "median_step_ms": round(median * 1e3, 1),
                 "trunk_params": step.trunk_params,  # type: ignore[attr-defined]
+                "model_gflops_per_step": round(flops / 1e9, 2),
+                "model_tflops_per_s": round(achieved, 4),
+                "mfu": None if peak is None else round(achieved / peak, 5),
             }
         )
     return rows
@@ -138,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--peak_tflops", type=float, help="the device's peak, for MFU (known: H100, H200, A100)"
+    )
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

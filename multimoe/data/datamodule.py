@@ -5,6 +5,7 @@ checkpoint, from the checkpoint (then no training manifest is needed)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,13 +17,17 @@ from multimoe.data.collate import Batch, Collator
 from multimoe.data.dataset import ManifestDataset, SamplingOptions
 from multimoe.data.manifest import ManifestRow, label_set, read_manifest
 from multimoe.data.resumable import ResumableLoader, ResumableSampler
+from multimoe.data.shards import SampleDecoder, litdata, read_meta, streaming_dataset
 from multimoe.tokenizer import WordTokenizer
 
 
 class MultiModalDataModule(L.LightningDataModule):
     """Args:
     train_manifest: manifest for training; its labels and words give the model's classes and vocabulary.
-        Only ``fit`` needs it.
+        Only ``fit`` needs it (or ``train_shards``).
+    train_shards: instead of ``train_manifest`` (which is then not read), a folder or URL of shards written by
+        ``python -m multimoe.data.pack``, streamed with litdata (shuffled, split over ranks and workers,
+        resumable mid-epoch); its ``multimoe.json`` gives the classes and vocabulary.
     val_manifest, test_manifest, predict_manifest: any other manifests (predict falls back to test).
     batch_size, num_workers: DataLoader settings.
     config: the model's config (linked from ``model.config`` by the CLI): which modalities to read and how
@@ -42,6 +47,7 @@ class MultiModalDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_manifest: str | None = None,
+        train_shards: str | None = None,
         val_manifest: str | None = None,
         test_manifest: str | None = None,
         predict_manifest: str | None = None,
@@ -72,20 +78,32 @@ class MultiModalDataModule(L.LightningDataModule):
             "test": test_manifest,
             "predict": predict_manifest or test_manifest,
         }
+        if train_manifest is not None and train_shards is not None:  # e.g. a config's manifest, shards given
+            warnings.warn(
+                f"data.train_shards {train_shards} is read for training, data.train_manifest "
+                f"{train_manifest} is not",
+                stacklevel=2,
+            )
+            train_manifest = None
+        self.train_shards = train_shards
+        shard_meta = read_meta(train_shards) if train_shards is not None else None
         train: list[ManifestRow] = []
         if train_manifest is not None and base_labels is None:
             train = read_manifest(Path(train_manifest), skip_bad_rows=skip_bad_rows)
         self.labels: list[str] = list(base_labels) if base_labels is not None else label_set(train)
+        if shard_meta is not None and base_labels is None:
+            self.labels = list(shard_meta["labels"])
         self.rows: dict[str, list[ManifestRow]] = ({"fit": train} if train else {}) | {
             stage: read_manifest(Path(path), self.labels, skip_bad_rows)
             for stage, path in paths.items()
             if path is not None
         }
         texts = [t for r in train for t in [r.text or "", *r.captions]]
+        texts += shard_meta["words"] if shard_meta is not None else []
         self.words = WordTokenizer.build(texts, base_vocab)
         self.vocab: list[str] = self.words.vocab
         self.datasets: dict[str, ManifestDataset] = {}
-        self.train_loader: ResumableLoader[Batch] | None = None
+        self.train_loader: Any = None  # a ResumableLoader, or litdata's StreamingDataLoader from shards
         self.train_position: dict[str, Any] | None = None  # from a checkpoint, for the next train loader
 
     def setup(self, stage: str | None = None) -> None:
@@ -119,6 +137,8 @@ class MultiModalDataModule(L.LightningDataModule):
         """Shuffled, sharded over the ranks (``batch_size`` per rank) and resumable mid-epoch."""
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if self.train_shards is not None:
+            return self._shard_loader(seed)
         sampler = ResumableSampler(self.datasets["fit"], world, rank, shuffle=True, seed=seed)
         loader = self._loader("fit", ResumableLoader, sampler=sampler)
         self.train_loader = cast(ResumableLoader[Batch], loader)
@@ -126,6 +146,25 @@ class MultiModalDataModule(L.LightningDataModule):
             self.train_loader.seek(self.train_position)
             self.train_position = None
         return self.train_loader
+
+    def _shard_loader(self, seed: int) -> DataLoader[Batch]:
+        assert self.train_shards is not None
+        decoder = SampleDecoder.for_model(
+            self.train_shards,
+            self.config,
+            self.labels,
+            self.words,
+            sampling=self.sampling,
+            skip_bad_rows=self.skip_bad_rows,
+        )
+        dataset = streaming_dataset(self.train_shards, decoder, shuffle=True, seed=seed)
+        self.train_loader = litdata().StreamingDataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate
+        )
+        if self.train_position:
+            self.train_loader.load_state_dict(self.train_position)
+            self.train_position = None
+        return cast(DataLoader[Batch], self.train_loader)
 
     # The data position travels in the datamodule's own checkpoint state. (Lightning 2.6 restores a stateful
     # train loader itself only if configure_optimizers does not read trainer.estimated_stepping_batches, which
@@ -136,12 +175,17 @@ class MultiModalDataModule(L.LightningDataModule):
         # batches whose training step finished (a checkpoint inside on_train_batch_end counts its own batch)
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker
         trained = progress.processed  # type: ignore[attr-defined]
+        if self.train_shards is not None:  # litdata counts the batches served; Lightning trained them all
+            return {"train_position": self.train_loader.state_dict()}
         return {"train_position": self.train_loader.position(trained)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_position = state.get("train_position")
         if self.train_position and self.train_loader:
-            self.train_loader.seek(self.train_position)
+            if self.train_shards is not None:
+                self.train_loader.load_state_dict(self.train_position)
+            else:
+                self.train_loader.seek(self.train_position)
             self.train_position = None
 
     def val_dataloader(self) -> DataLoader[Batch]:

@@ -62,6 +62,26 @@ class SamplingOptions:
         return kept or [present[int(torch.randint(len(present), ()))]]
 
 
+def label_id(label_index: dict[str, int], label: str | None) -> int:
+    """The class index of ``label`` (``IGNORE_INDEX``: no label, or no classifier)."""
+    if label is None or not label_index:
+        return IGNORE_INDEX
+    if label not in label_index:
+        known = ", ".join(list(label_index)[:20])
+        raise ValueError(f"unknown label {label!r}; the training labels are: {known}")
+    return label_index[label]
+
+
+def caption_ids(words: WordTokenizer, captions: list[str], max_length: int) -> list[int] | None:
+    """``<bos>`` first caption ``<eos>`` as ids, or None without captions."""
+    if not captions:
+        return None
+    ids = words.encode(captions[0], bos=True, eos=True)
+    if len(ids) > max_length:
+        raise ValueError(f"{len(ids)} tokens (with <bos>/<eos>) but caption.max_length={max_length}")
+    return ids
+
+
 class ManifestDataset(Dataset[Sample | None]):
     """Rows of one manifest. ``modalities`` selects what is loaded; other fields of a row are ignored.
 
@@ -133,22 +153,16 @@ class ManifestDataset(Dataset[Sample | None]):
         )
 
     def _label(self, row: ManifestRow) -> int:
-        if row.label is None or not self.label_index:
-            return IGNORE_INDEX
-        if row.label not in self.label_index:
-            known = ", ".join(list(self.label_index)[:20])
-            raise row.error("label", f"unknown label {row.label!r}; the training labels are: {known}")
-        return self.label_index[row.label]
+        try:
+            return label_id(self.label_index, row.label)
+        except ValueError as error:
+            raise row.error("label", str(error)) from None
 
     def _caption(self, row: ManifestRow, max_length: int) -> list[int] | None:
-        if not row.captions:
-            return None
-        ids = self.words.encode(row.captions[0], bos=True, eos=True)
-        if len(ids) > max_length:
-            raise row.error(
-                "caption", f"{len(ids)} tokens (with <bos>/<eos>) but caption.max_length={max_length}"
-            )
-        return ids
+        try:
+            return caption_ids(self.words, row.captions, max_length)
+        except ValueError as error:
+            raise row.error("caption", str(error)) from None
 
     def __len__(self) -> int:
         return len(self.rows)

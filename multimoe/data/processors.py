@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -57,7 +57,8 @@ class ImageProcessor:
         self.std = torch.tensor(data["std"])[:, None, None]
         self.resample = Image.Resampling[data["interpolation"].upper()]
 
-    def __call__(self, path: Path) -> torch.Tensor:
+    def __call__(self, path: Path | BinaryIO) -> torch.Tensor:
+        """``path``: an image file, or an open binary file of one (a packed shard's bytes)."""
         from PIL import Image
 
         with Image.open(path) as file:
@@ -89,11 +90,12 @@ class AudioProcessor:
         self.max_seconds = config.max_seconds
         self.max_samples = int(config.max_seconds * config.sample_rate)
 
-    def __call__(self, path: Path) -> torch.Tensor:
+    def __call__(self, path: Path | BinaryIO) -> torch.Tensor:
+        """``path``: an audio file, or an open binary file of one (a packed shard's bytes)."""
         import soundfile
         import torchaudio.functional
 
-        with soundfile.SoundFile(str(path)) as file:
+        with soundfile.SoundFile(str(path) if isinstance(path, Path) else path) as file:
             rate, total = file.samplerate, file.frames
             keep = math.ceil(self.max_seconds * rate)
             margin = rate // 20  # 50 ms past the cut: resampling sees the same context as in the whole file
