@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -109,8 +108,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
         reason = detail.group(1).strip() if detail else _first_line(error)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # a file that is no checkpoint fails anywhere in torch's unpickler
+        reason = _first_line(error) or type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= set(checkpoint):
         raise CheckpointError(f"{path}: not a train.py checkpoint (no hyper_parameters and state_dict)")
     return checkpoint

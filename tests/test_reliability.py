@@ -5,7 +5,7 @@ resumes exactly."""
 from __future__ import annotations
 
 import json
-import os
+import random
 import signal
 import time
 import tracemalloc
@@ -102,14 +102,18 @@ def test_a_crafted_checkpoint_runs_nowhere(
         assert not marker.exists(), f"{name} ran the checkpoint's code"
 
 
+# Random files that fail in different places of torch's unpickler (seeds found by trying 300)
+RANDOM = {"unpickling": 0, "index": 2, "key": 20, "unicode": 195}
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (os.urandom(4096), "not a readable checkpoint"),
+        *[(random.Random(seed).randbytes(4096), "not a readable checkpoint") for seed in RANDOM.values()],
         (b"", "not a readable checkpoint"),
         (None, "not a train.py checkpoint"),  # a torch file of something else
     ],
-    ids=["random-bytes", "empty", "not-lightning"],
+    ids=[*[f"random-bytes-{name}-error" for name in RANDOM], "empty", "not-lightning"],
 )
 def test_a_file_that_is_not_a_checkpoint_gets_one_line(
     content: bytes | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

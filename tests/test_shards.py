@@ -116,3 +116,13 @@ def test_training_from_shards_resumes_mid_epoch_exactly(
     assert resumed[:9] == reference[:9] and resumed[9:] == reference[8:]  # step 9 redone, then 10..12
     assert losses(cut)[9:] == losses(full)[8:]
     assert same_weights(full, cut)
+
+
+def test_packing_a_bad_manifest_names_the_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text('{"id": "a", "text": "one", "label": "odd"}\n{"id": "b", "image": "gone.png"}\n')
+    with pytest.raises(SystemExit) as stop:
+        pack_main([str(manifest), str(tmp_path / "out")])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {manifest}:2: field 'image'") and "gone.png" in error, error
