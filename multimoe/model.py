@@ -108,6 +108,13 @@ class MultiMoE(nn.Module, Pretrained):
         """The trunk's MoE layers, bottom to top (the order of ``MultiMoEOutput.router_stats``)."""
         return [block.ffn for block in self.trunk.blocks if isinstance(block.ffn, MoELayer)]
 
+    def shard_experts(self, group: Any = None) -> None:
+        """Expert parallelism: every MoE layer keeps only this rank's share of its experts
+        (``MoELayer.shard_experts``); the ranks of ``group`` (default: all) then run every forward together,
+        each on its own samples."""
+        for layer in self.moe_layers():
+            layer.shard_experts(group)
+
     @torch.no_grad()
     def update_routing_bias(self, tokens_per_expert: list[torch.Tensor]) -> None:
         """Auxiliary-loss-free balancing: one bias step per MoE layer from its

@@ -1,6 +1,6 @@
 """Expert parallelism (multimoe.moe.parallel) with 2 real gloo processes: each holds half the experts and its
 own half of the tokens, and together they compute the outputs and gradients of one process that holds all
-experts and all tokens."""
+experts and all tokens: a MoE layer alone, and a whole model on real samples."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from multimoe.data.datamodule import MultiModalDataModule
+from multimoe.model import MultiMoE
 from multimoe.moe.dispatch import run_experts
 from multimoe.moe.parallel import run_experts_parallel, shard
+from tests.test_finetune import tiny_config, trained_like
 from tests.test_moe import make_layer
 
 TOKENS, WORLD = 48, 2
@@ -78,3 +81,60 @@ def test_two_expert_parallel_ranks_compute_what_one_process_does(tmp_path: Path)
         full = sum(p.numel() for p in experts.parameters())
         assert [r["parameters"] for r in ranks] == [full // WORLD] * WORLD
         print(f"expert parameters per rank: {full // WORLD:,} of {full:,} ({activation})")
+
+
+def model_and_batches(manifest: str) -> tuple[MultiMoE, list[object]]:
+    config = tiny_config(experts_per_modality=2, cross_modal_experts=2)  # 8 experts per MoE layer
+    data = MultiModalDataModule(manifest, val_manifest=manifest, batch_size=8, config=config)
+    data.setup("validate")
+    model = trained_like(config, data).eval()  # no dropout, no SpecAugment: both layouts compute alike
+    return model, list(data.val_dataloader())[:WORLD]
+
+
+def loss_of(model: MultiMoE, batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(batch.inputs)  # type: ignore[attr-defined]
+    return out.class_logits, out.class_logits.square().sum() + out.trunk.tokens.square().mean()
+
+
+def model_worker(rank: int, port: int, out: str, manifest: str) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    model, batches = model_and_batches(manifest)
+    model.shard_experts()
+    logits, loss = loss_of(model, batches[rank])  # each rank its own samples
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    torch.save({"logits": logits.detach(), "grads": grads}, Path(out) / f"model{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_whole_model_with_sharded_experts_computes_what_one_process_does(
+    digit_manifests: dict[str, Path], tmp_path: Path
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manifest = str(digit_manifests["val"])
+    mp.spawn(model_worker, args=(port, str(tmp_path), manifest), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"model{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    model, batches = model_and_batches(manifest)
+    total = torch.zeros(())
+    for rank, batch in enumerate(batches):
+        logits, loss = loss_of(model, batch)
+        torch.testing.assert_close(ranks[rank]["logits"], logits.detach(), rtol=1e-5, atol=1e-5)
+        total = total + loss
+    total.backward()
+    checked = 0
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None:  # the caption decoder: not in this loss
+            assert all(name not in r["grads"] for r in ranks), name
+            continue
+        checked += 1
+        if ".experts." in name:  # each rank holds its share of the experts: their gradients line up
+            got = torch.cat([r["grads"][name] for r in ranks])
+        else:  # replicated: each rank's gradient is of its own samples, and DDP sums them
+            got = sum(r["grads"][name] for r in ranks)
+        torch.testing.assert_close(got, parameter.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert checked > 50 and any(".experts." in name for name in ranks[0]["grads"])

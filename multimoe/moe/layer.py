@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from multimoe.config import BalanceGroups
 from multimoe.moe.dispatch import DispatchKind
 from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
+from multimoe.moe.parallel import run_experts_parallel, shard
 from multimoe.moe.router import Router, Routing
 
 
@@ -57,13 +59,25 @@ class MoELayer(nn.Module):
         self.dispatch: DispatchKind = dispatch
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.balance_groups = balance_groups
+        self.expert_parallel = False  # see shard_experts
+        self.expert_group: dist.ProcessGroup | None = None
+
+    def shard_experts(self, group: dist.ProcessGroup | None = None) -> None:
+        """Keep only this rank's share of the experts (``multimoe.moe.parallel``). Every forward then
+        exchanges tokens with the other ranks of ``group`` (default: all), which must run it together."""
+        self.experts = shard(self.experts, group)
+        self.expert_parallel, self.expert_group = True, group
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         capacity = self.capacity_factor
         if not self.training and (self.eval_capacity_factor > 0 or self.router.kind != "expert_choice"):
             capacity = self.eval_capacity_factor
         routing = self.router(x, modality_ids, capacity)
-        y = self.experts(x, routing, self.dispatch)  # (T, d)
+        if self.expert_parallel:
+            num_experts = self.router.num_experts
+            y = run_experts_parallel(x, routing, self.experts, num_experts, self.expert_group)
+        else:
+            y = self.experts(x, routing, self.dispatch)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)
         return y, self._stats(routing, modality_ids)
