@@ -130,7 +130,9 @@ def agreement(reference: Any, model: Any, test: list[Any]) -> dict[str, Any]:
 
 
 def saved_bytes(model: Any) -> int:
-    if hasattr(model, "session"):  # an OnnxModel
+    from multimoe.portable import OnnxModel
+
+    if isinstance(model, OnnxModel):
         return sum(p.stat().st_size for p in Path(model.folder).glob("*.onnx"))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

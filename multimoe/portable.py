@@ -252,7 +252,7 @@ class GraphOutput:
 
 
 class OnnxModel:
-    """The graphs of ``export_onnx`` in onnxruntime sessions: ``model(inputs)`` and ``generate(inputs)``
+    """The graphs of ``export_onnx``, run by onnxruntime: ``model(inputs)`` and ``generate(inputs)``
     take the batches of ``multimoe.data`` for the ``config`` saved beside them."""
 
     def __init__(self, folder: str | Path, threads: int = 0, spinning: bool = True) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +65,16 @@ def start(command: list[str], out: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with out.open("wb") as f:
         return subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def kill_when_paused(process: subprocess.Popen[bytes], root: Path, timeout: float = 300) -> None:
+    """Wait until the run in ``root`` holds at its Probe's ``pause_at_step``, then SIGKILL it."""
+    deadline = time.monotonic() + timeout
+    while not (root / "log.paused").exists():
+        assert process.poll() is None and time.monotonic() < deadline, (root / "out.txt").read_text()[-3000:]
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
 
 
 def finish(process: subprocess.Popen[bytes], out: Path) -> str:

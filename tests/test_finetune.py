@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from multimoe.data.datamodule import MultiModalDataModule
 from multimoe.model import MultiMoE, build_model
 from multimoe.surgery import grown_config, transfer, upcycled_config
 from tests.conftest import ROOT, SHARED_DATA
-from tests.probes import finish, fit_command, same_weights, start
+from tests.probes import finish, fit_command, kill_when_paused, same_weights, start
 
 
 def tiny_config(**moe: object) -> MultiMoEConfig:
@@ -199,12 +196,7 @@ def test_a_resumed_grown_fine_tune_continues_its_grow_in_ramp(
     full, cut = tmp_path / "full", tmp_path / "cut"
     uninterrupted = start(fit_command(full, digit_manifests, *grow), full / "out.txt")
     killed = start(fit_command(cut, digit_manifests, *grow, pause_at_step=4), cut / "out.txt")
-    deadline = time.monotonic() + 300
-    while not (cut / "log.paused").exists():  # the first epoch done, validated and saved
-        assert killed.poll() is None and time.monotonic() < deadline, (cut / "out.txt").read_text()[-3000:]
-        time.sleep(0.2)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_when_paused(killed, cut)  # the first epoch done, validated and saved
     saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
     assert [s for k, s in saved["callbacks"].items() if k.startswith("GrowIn")] == [{"done": 3}]

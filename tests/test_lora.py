@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from multimoe.moe.experts import Experts
 from multimoe.moe.router import Routing
 from multimoe.surgery import transfer
 from multimoe.tools.convert import main as convert_main
-from tests.probes import finish, fit_command, same_weights, start
+from tests.probes import finish, fit_command, kill_when_paused, same_weights, start
 from tests.test_finetune import batch_of, tiny_config, trained_like
 
 PARTS = {  # where each target's adapters sit in the tiny model
@@ -266,12 +263,7 @@ def test_a_killed_lora_fine_tune_resumes_to_the_uninterrupted_result(
     full, cut = tmp_path / "full", tmp_path / "cut"
     uninterrupted = start(fit_command(full, digit_manifests, *options), full / "out.txt")
     killed = start(fit_command(cut, digit_manifests, *options, pause_at_step=4), cut / "out.txt")
-    deadline = time.monotonic() + 300
-    while not (cut / "log.paused").exists():
-        assert killed.poll() is None and time.monotonic() < deadline, (cut / "out.txt").read_text()[-3000:]
-        time.sleep(0.2)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_when_paused(killed, cut)
     resume = fit_command(cut, digit_manifests, *options, "--ckpt_path=last")
     finish(start(resume, cut / "out2.txt"), cut / "out2.txt")
     finish(uninterrupted, full / "out.txt")

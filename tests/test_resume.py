@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tests.probes import ROOT, finish, fit_command, losses, same_weights, start
+from tests.probes import ROOT, finish, fit_command, kill_when_paused, losses, same_weights, start
 
 RESUMABLE = ["--trainer.max_epochs=2", "--trainer.deterministic=true", "--checkpoint.last_every_n_steps=2"]
 
@@ -29,12 +29,7 @@ def test_run_killed_mid_epoch_resumes_exactly(digit_manifests: dict[str, Path], 
     full, cut = tmp_path / "full", tmp_path / "cut"
     uninterrupted = start(fit_command(full, digit_manifests, *RESUMABLE), full / "out.txt")
     killed = start(fit_command(cut, digit_manifests, *RESUMABLE, pause_at_step=9), cut / "out.txt")
-    deadline = time.monotonic() + 300
-    while not (cut / "log.paused").exists():  # steps 1..9 done, last.ckpt written at step 8
-        assert killed.poll() is None and time.monotonic() < deadline, (cut / "out.txt").read_text()[-3000:]
-        time.sleep(0.2)
-    os.kill(killed.pid, signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL
+    kill_when_paused(killed, cut)  # steps 1..9 done, last.ckpt written at step 8
     saved = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (saved["epoch"], saved["global_step"]) == (1, 8)  # two batches into the second epoch
 

@@ -4,9 +4,6 @@ manifest's samples; training streams them shuffled, split over ranks, and resume
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from multimoe.data.manifest import read_manifest
 from multimoe.data.pack import main as pack_main
 from multimoe.data.shards import SampleDecoder, ShardError, read_meta, streaming_dataset
 from multimoe.tokenizer import WordTokenizer
-from tests.probes import finish, fit_command, losses, same_weights, start
+from tests.probes import finish, fit_command, kill_when_paused, losses, same_weights, start
 from tests.test_finetune import tiny_config
 
 
@@ -97,12 +94,7 @@ def test_training_from_shards_resumes_mid_epoch_exactly(
     full, cut = tmp_path / "full", tmp_path / "cut"
     uninterrupted = start(fit_command(full, evaluate, *data, *RESUMABLE), full / "out.txt")
     killed = start(fit_command(cut, evaluate, *data, *RESUMABLE, pause_at_step=9), cut / "out.txt")
-    deadline = time.monotonic() + 300
-    while not (cut / "log.paused").exists():
-        assert killed.poll() is None and time.monotonic() < deadline, (cut / "out.txt").read_text()[-3000:]
-        time.sleep(0.2)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    kill_when_paused(killed, cut)
     restart = fit_command(cut, evaluate, *data, *RESUMABLE, "--ckpt_path=last")
     finish(start(restart, cut / "out2.txt"), cut / "out2.txt")
     finish(uninterrupted, full / "out.txt")

@@ -90,9 +90,10 @@ class MultiModalDataModule(L.LightningDataModule):
         train: list[ManifestRow] = []
         if train_manifest is not None and base_labels is None:
             train = read_manifest(Path(train_manifest), skip_bad_rows=skip_bad_rows)
-        self.labels: list[str] = list(base_labels) if base_labels is not None else label_set(train)
-        if shard_meta is not None and base_labels is None:
-            self.labels = list(shard_meta["labels"])
+        if base_labels is not None:
+            self.labels: list[str] = list(base_labels)
+        else:
+            self.labels = list(shard_meta["labels"]) if shard_meta is not None else label_set(train)
         self.rows: dict[str, list[ManifestRow]] = ({"fit": train} if train else {}) | {
             stage: read_manifest(Path(path), self.labels, skip_bad_rows)
             for stage, path in paths.items()

@@ -79,6 +79,9 @@ class SampleDecoder:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     skip_bad_rows: bool = False
 
+    def __post_init__(self) -> None:
+        self.label_index = {name: i for i, name in enumerate(self.labels)}
+
     @classmethod
     def for_model(
         cls, shards: str, config: MultiMoEConfig, labels: list[str], words: WordTokenizer, **options: Any
@@ -110,7 +113,7 @@ class SampleDecoder:
             raise ShardError(f"{where} has none of the modalities {self.modalities}")
         use = self.sampling.choose(present)
         try:
-            label = label_id({name: i for i, name in enumerate(self.labels)}, meta["label"])
+            label = label_id(self.label_index, meta["label"])
             caption = caption_ids(self.words, meta["captions"], self.max_caption_length)
             pixels = self._load(item, "image") if "image" in use else None
             waveform = self._load(item, "audio") if "audio" in use else None
