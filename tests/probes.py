@@ -60,20 +60,24 @@ def fit_command(root: Path, manifests: dict[str, Path], *extra: str, pause_at_st
 
 
 def start(command: list[str], out: Path) -> subprocess.Popen[bytes]:
-    """One torch thread per process: the runs of a test share the machine's cores."""
+    """One torch thread per process: the runs of a test share the machine's cores. The run leads a process
+    group of its own."""
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with out.open("wb") as f:
-        return subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 def kill_when_paused(process: subprocess.Popen[bytes], root: Path, timeout: float = 300) -> None:
-    """Wait until the run in ``root`` holds at its Probe's ``pause_at_step``, then SIGKILL it."""
+    """Wait until the run in ``root`` holds at its Probe's ``pause_at_step``, then SIGKILL it (with the other
+    ranks' processes, which it started)."""
     deadline = time.monotonic() + timeout
     while not (root / "log.paused").exists():
         assert process.poll() is None and time.monotonic() < deadline, (root / "out.txt").read_text()[-3000:]
         time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
 
 

@@ -1,6 +1,7 @@
 """The CUDA path (skipped without a GPU): bf16-mixed training through the grouped-GEMM dispatch (checked to
 really run ``torch._grouped_mm``), FSDP through Lightning's strategy (Lightning 2.6 refuses FSDP on CPU), and
-the compiled trunk."""
+the compiled trunk and the MoE layer compiled whole (``fullgraph=True``; compiling takes 15-50 s, too long for
+the CPU suite)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,19 @@ def test_compiled_trunk_trains_like_eager(digit_manifests: dict[str, Path]) -> N
     eager = fit_tiny(digit_manifests, 3)
     compiled = fit_tiny(digit_manifests, 3, trunk={"compile": True})
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.parametrize("capacity", [0.0, 0.8])
+def test_layer_compiles_fullgraph_and_matches_eager(capacity: float) -> None:
+    layer = make_layer(seed=2, capacity_factor=capacity, shared=True, dispatch="sorted").cuda().train()
+    compiled = torch.compile(layer, fullgraph=True)
+    x, ids = torch.randn(64, 16, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    results = []
+    for module in (layer, compiled):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y, stats = module(xi, ids)
+        (y.square().sum() + stats.load_balance_loss + stats.z_loss).backward()
+        results.append([y.detach(), xi.grad, stats.dropped_fraction] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -349,6 +349,9 @@ def test_audio_with_nan_samples_is_refused(files: Path) -> None:
 # ---- bad values on the command line ----------------------------------------------------------------
 
 
+EXPERT_PARALLEL = "multimoe.training.parallel.ExpertParallelStrategy"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -357,8 +360,16 @@ def test_audio_with_nan_samples_is_refused(files: Path) -> None:
         (["--model.lr=-0.001"], "model.lr: must be > 0, got -0.001"),
         (["--data.batch_size=0"], "data: batch_size must be >= 1"),
         (["--data.modality_dropout=1.5"], "data.modality_dropout must be in [0, 1]"),
+        (
+            [f"--trainer.strategy={EXPERT_PARALLEL}", "--trainer.strategy.expert_parallel=0"],
+            "trainer.strategy.expert_parallel=0: must be at least 1 and divide the 1 processes",
+        ),
+        (
+            [f"--trainer.strategy={EXPERT_PARALLEL}", "--trainer.strategy.expert_parallel=2"],
+            "trainer.strategy.expert_parallel=2: must be at least 1 and divide the 1 processes",
+        ),
     ],
-    ids=["top_k-0", "top_k-too-big", "negative-lr", "batch-size-0", "dropout-1.5"],
+    ids=["top_k-0", "top_k-too-big", "negative-lr", "batch-size-0", "dropout-1.5", "ep-0", "ep-too-many"],
 )
 def test_a_bad_value_gets_one_line_naming_it(
     tmp_path: Path,

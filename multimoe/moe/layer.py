@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,7 @@ from multimoe.config import BalanceGroups
 from multimoe.moe.dispatch import DispatchKind
 from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
-from multimoe.moe.parallel import run_experts_parallel, shard
+from multimoe.moe.parallel import gather, local_rows, run_experts_parallel, shard
 from multimoe.moe.router import Router, Routing
 
 
@@ -36,6 +37,8 @@ class MoELayer(nn.Module):
     ``capacity_factor`` applies in training, ``eval_capacity_factor`` in evaluation; 0 means dropless
     (expert-choice routing has no dropless mode and uses ``capacity_factor`` when the eval one is 0).
     ``balance_groups``: the load-balancing loss per modality (over the experts it may use) or per batch.
+    ``global_balance``: in training, the loss counts the assignments of all ranks (``torch.distributed``'s
+    default group; set by the training system when it runs several), so every rank balances the global batch.
     """
 
     def __init__(
@@ -59,14 +62,38 @@ class MoELayer(nn.Module):
         self.dispatch: DispatchKind = dispatch
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.balance_groups = balance_groups
+        self.global_balance = False
         self.expert_parallel = False  # see shard_experts
         self.expert_group: dist.ProcessGroup | None = None
 
     def shard_experts(self, group: dist.ProcessGroup | None = None) -> None:
         """Keep only this rank's share of the experts (``multimoe.moe.parallel``). Every forward then
-        exchanges tokens with the other ranks of ``group`` (default: all), which must run it together."""
+        exchanges tokens with the other ranks of ``group`` (default: all), which must run it together. A
+        state dict with all the experts still loads: each rank takes its own rows."""
+        if type(self.experts) is not Experts:
+            raise ValueError(
+                f"expert parallelism needs plain experts, not {type(self.experts).__name__} (adapters on the "
+                "experts: merge them first)"
+            )
         self.experts = shard(self.experts, group)
         self.expert_parallel, self.expert_group = True, group
+
+    def gather_experts(self) -> None:
+        """Undo ``shard_experts``: every rank holds all experts again (a collective over the group)."""
+        if self.expert_parallel:
+            self.experts = gather(self.experts, self.expert_group)
+            self.expert_parallel, self.expert_group = False, None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if self.expert_parallel:  # a checkpoint holds all experts: keep this rank's
+            for name, local in self.experts.named_parameters():
+                key = f"{prefix}experts.{name}"
+                if (
+                    key in state_dict
+                    and state_dict[key].shape[0] == self.router.num_experts != local.shape[0]
+                ):
+                    state_dict[key] = local_rows(state_dict[key], self.expert_group)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         capacity = self.capacity_factor
@@ -98,7 +125,8 @@ class MoELayer(nn.Module):
             groups, group_allowed = modality_ids, allowed
             if self.balance_groups == "batch":  # one group: all tokens over all experts
                 groups, group_allowed = torch.zeros_like(modality_ids), allowed.any(dim=0, keepdim=True)
-            load_balance = load_balancing_loss(routing.probs, chosen, groups, group_allowed)
+            total = _sum_over_ranks if self.global_balance and self.training else None
+            load_balance = load_balancing_loss(routing.probs, chosen, groups, group_allowed, total)
             dropped = zero if routing.kept is None else 1.0 - routing.kept.float().mean()
             top_expert = chosen[:, 0]
         tokens_per_expert = torch.zeros_like(allowed, dtype=torch.long)
@@ -112,6 +140,11 @@ class MoELayer(nn.Module):
             top_expert=top_expert,
             chosen=chosen,
         )
+
+
+def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(counts)
+    return counts
 
 
 def modality_expert_mask(

@@ -4,10 +4,13 @@ what it received, and sends the outputs back, with ``all_to_all_single`` from
 ``torch.distributed.nn.functional`` so that gradients travel the same way back. Row counts are exchanged
 first, so the splits may be uneven (gloo on CPU, NCCL on GPU).
 
-Rank ``r`` of ``n`` holds experts ``[r * E / n, (r + 1) * E / n)`` (``shard``). Not wired into training yet.
+Rank ``r`` of ``n`` holds experts ``[r * E / n, (r + 1) * E / n)`` (``shard``; ``gather`` puts them back
+together). Training uses it through ``multimoe.training.parallel.ExpertParallelStrategy``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,17 +23,62 @@ from multimoe.moe.router import Routing
 
 def shard(experts: Experts, group: dist.ProcessGroup | None = None) -> Experts:
     """This rank's experts of ``experts`` (a new pool holding copies of their weights)."""
+    size = dist.get_world_size(group)
+    if experts.num_experts % size:
+        raise ValueError(
+            f"{experts.num_experts} experts do not split evenly over {size} expert-parallel ranks"
+        )
+    return _pool({name: local_rows(w, group) for name, w in experts.named_parameters()}, experts)
+
+
+def gather(experts: Experts, group: dist.ProcessGroup | None = None) -> Experts:
+    """All experts again from every rank's ``shard`` (a collective: every rank of ``group`` calls it)."""
+    return _pool({name: gather_rows(w.detach(), group) for name, w in experts.named_parameters()}, experts)
+
+
+def local_rows(full: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's block of the first dimension of ``full`` (E, ...): its experts' rows."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    total = experts.num_experts
-    if total % size:
-        raise ValueError(f"{total} experts do not split evenly over {size} expert-parallel ranks")
-    local = total // size
-    d_model, d_ff = experts.down_proj.shape[1:]
-    part = Experts(local, d_model, d_ff, experts.activation)
+    local = full.shape[0] // size
+    return full[rank * local : (rank + 1) * local]
+
+
+def gather_rows(part: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``part`` (E / n, ...) stacked in rank order: (E, ...). A collective."""
+    parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, part.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _pool(weights: dict[str, torch.Tensor], like: Experts) -> Experts:
+    """An ``Experts`` like ``like`` holding copies of ``weights`` (same names, same ``requires_grad``)."""
+    d_model, d_ff = like.down_proj.shape[1:]
+    pool = Experts(weights["down_proj"].shape[0], d_model, d_ff, like.activation).to(like.down_proj)
     with torch.no_grad():
-        part.w_in.copy_(experts.w_in[rank * local : (rank + 1) * local])
-        part.down_proj.copy_(experts.down_proj[rank * local : (rank + 1) * local])
-    return part
+        for name, parameter in pool.named_parameters():
+            parameter.copy_(weights[name])
+            parameter.requires_grad_(like.get_parameter(name).requires_grad)
+    return pool
+
+
+def clip_grad_norm_(
+    replicated: Sequence[torch.Tensor],
+    sharded: Sequence[torch.Tensor],
+    max_norm: float,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose ``sharded`` parameters are split over the ranks of
+    ``group`` (each rank holds its own experts) and whose ``replicated`` ones are the same on every rank: the
+    norm is the whole model's, the same on every rank. Returns it."""
+    norms = [
+        torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])
+        for ps in (replicated, sharded)
+    ]
+    experts = norms[1].float().square()
+    dist.all_reduce(experts, group=group)  # the experts' share, summed over the ranks that hold them
+    total = (norms[0].float().square() + experts).sqrt()
+    torch.nn.utils.clip_grads_with_norm_([*replicated, *sharded], max_norm, total)
+    return total
 
 
 def run_experts_parallel(

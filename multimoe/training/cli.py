@@ -119,10 +119,10 @@ class MultiMoECLI(LightningCLI):
 
     def _write_metrics(self, metrics: dict[str, float], checkpoint: str | None) -> None:
         """The test metrics as JSON: scalars, the classification report and the caption scores."""
+        folder = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: on every rank
         if not self.trainer.is_global_zero:
             return
         config = self.config_init[self.subcommand]
-        folder = self.trainer.log_dir or self.trainer.default_root_dir
         path = Path(
             config.get("metrics_file")
             or (f"{checkpoint}.metrics.json" if checkpoint else f"{folder}/metrics.json")

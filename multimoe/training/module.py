@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, cast
 
@@ -20,6 +21,7 @@ from multimoe.data.dataset import IGNORE_INDEX
 from multimoe.modality import Modality
 from multimoe.model import MultiMoE, MultiMoEOutput, build_model
 from multimoe.moe.diagnostics import RoutingTally, tally_batch, verdicts
+from multimoe.moe.parallel import clip_grad_norm_
 from multimoe.training.metrics import caption_metrics, classification_report
 
 # logged name -> RouterStats field, averaged over the MoE layers
@@ -234,6 +236,7 @@ class MultiMoEModule(L.LightningModule):
                 on_epoch=not on_step,
                 prog_bar=name == f"{stage}/loss",
                 batch_size=size,
+                sync_dist=not on_step,  # an eval epoch's loss: the mean over every rank's samples
             )
 
     def on_validation_epoch_end(self) -> None:
@@ -259,7 +262,7 @@ class MultiMoEModule(L.LightningModule):
             preds, refs = [p for part in parts for p in part[0]], [r for part in parts for r in part[1]]
         scores = caption_metrics(preds, refs)
         for name, value in scores.items():
-            self.log(f"{stage}/{name}", value)  # the same on every process: computed from all captions
+            self.log(f"{stage}/{name}", value, sync_dist=True)  # the same on every rank: from all captions
         return scores
 
     def _log_routing(self, stage: str) -> None:
@@ -273,6 +276,7 @@ class MultiMoEModule(L.LightningModule):
         layers = self.model.moe_layers()
         names = self.config.modalities
         tokens = int(tallies[0].top.sum())
+        log = functools.partial(self.log, sync_dist=True)  # the same on every rank: from all ranks' tallies
         found = []
         for index, (layer, tally) in enumerate(zip(layers, tallies, strict=True)):
             allowed = layer.router.allowed
@@ -281,14 +285,12 @@ class MultiMoEModule(L.LightningModule):
             for name in names:
                 m = Modality.from_name(name)
                 for e in allowed[m].nonzero().flatten().tolist():
-                    self.log(f"{stage}_routing/layer{index}/{name}/expert{e}", float(shares[m, e]))
+                    log(f"{stage}_routing/layer{index}/{name}/expert{e}", float(shares[m, e]))
                 for key, bits in tally.specialization(m).items():
-                    self.log(f"{stage}_specialization/layer{index}/{name}/{key}", bits)
+                    log(f"{stage}_specialization/layer{index}/{name}/{key}", bits)
             if cross:
-                self.log(
-                    f"{stage}_specialization/layer{index}/cross_modality_bits",
-                    tally.cross_modality_bits(cross),
-                )
+                bits = tally.cross_modality_bits(cross)
+                log(f"{stage}_specialization/layer{index}/cross_modality_bits", bits)
             found += [(index, v) for v in verdicts(shares, allowed, layer.router.top_k)]
         if isinstance(self.logger, TensorBoardLogger):
             from multimoe.tools.figures import share_heatmap  # matplotlib, only when drawing
@@ -311,11 +313,6 @@ class MultiMoEModule(L.LightningModule):
         if stage == "val":
             self.imbalance = f"{where}: " + "; ".join(uneven) if uneven else ""
 
-    def on_fit_end(self) -> None:
-        """An imbalance still there at the last validation is reported once, at the end."""
-        if self.imbalance:
-            rank_zero_warn(f"lasting routing imbalance in {self.imbalance}")
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint taken after an epoch's last batch (at its validation) resumes into the next epoch: its
         train accuracy starts from zero there, as the uninterrupted run's does."""
@@ -335,6 +332,32 @@ class MultiMoEModule(L.LightningModule):
                 checkpoint["state_dict"].setdefault(key, value)
 
     # ---- optimisation ------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Several ranks: each MoE layer's load-balancing loss counts the global batch's assignments."""
+        for layer in self.model.moe_layers():
+            layer.global_balance = self.trainer.world_size > 1
+
+    def on_fit_end(self) -> None:
+        for layer in self.model.moe_layers():
+            layer.global_balance = False
+        if self.imbalance:  # still there at the last validation: reported once, at the end
+            rank_zero_warn(f"lasting routing imbalance in {self.imbalance}")
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's, except with experts split over ranks: then the norm is the whole model's."""
+        sharded = [layer for layer in self.model.moe_layers() if layer.expert_parallel]
+        if not (sharded and gradient_clip_val and gradient_clip_algorithm in (None, "norm")):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        experts = [p for layer in sharded for p in layer.experts.parameters()]
+        mine = {id(p) for p in experts}
+        replicated = [p for p in self.parameters() if id(p) not in mine]
+        clip_grad_norm_(replicated, experts, gradient_clip_val, sharded[0].expert_group)
+
     def configure_optimizers(self) -> Any:
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
