@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import gzip
 import importlib.util
 import json
 import subprocess
@@ -273,3 +274,37 @@ def test_emoji_build_renders_the_installed_font(tmp_path: Path) -> None:
     assert image.size == (16, 16) and image.mode == "RGB"
     assert pixels[0, 0].tolist() == [255, 255, 255]  # white background
     assert (pixels[..., 0].astype(int) - pixels[..., 2]).max() > 100  # the grinning face is yellow
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as Fashion-MNIST ships it: gzip of magic (0x08 ubyte, rank), sizes, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_fashion_build_reads_idx_files_into_pngs_and_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source"
+    source.mkdir()
+    data = {}
+    for part, count in (("train", 60), ("t10k", 20)):
+        data[part] = (rng.integers(0, 256, (count, 28, 28)), np.arange(count) % 10)
+        write_idx(source / f"{part}-images-idx3-ubyte.gz", data[part][0])
+        write_idx(source / f"{part}-labels-idx1-ubyte.gz", data[part][1])
+    out = tmp_path / "data"
+    command = [sys.executable, "datasets/fashion/prepare.py", "--source", str(source), "--out", str(out)]
+    subprocess.run([*command, "--val", "20"], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    splits = ("train", "val", "test")
+    rows = {split: [json.loads(line) for line in (out / f"{split}.jsonl").open()] for split in splits}
+    assert [len(rows[s]) for s in splits] == [40, 20, 20]
+    assert {r["id"] for r in rows["train"]}.isdisjoint(r["id"] for r in rows["val"])
+    assert len({r["label"] for r in rows["val"]}) == 10  # two of every class
+    for split, part in (("val", "train"), ("test", "t10k")):
+        for row in rows[split]:
+            index = int(row["id"].split("-")[1])
+            assert np.array_equal(np.asarray(Image.open(out / row["image"])), data[part][0][index])
+    read_manifest(out / "train.jsonl")  # a valid manifest
+
+    (source / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(12)))
+    bad = subprocess.run([*command, "--force"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "t10k-labels-idx1-ubyte.gz: not an IDX file of labels" in bad.stderr

@@ -8,8 +8,9 @@ token its group sent it; it is summed over the ranks that hold the same experts 
 size, which is DDP's mean over all ranks. Gradient clipping uses the whole model's norm (``MultiMoEModule``).
 
 Checkpoints always hold every expert, with their optimizer state, in the layout of a one-process run: they
-load at any other degree, in plain DDP, on one process and in ``MultiMoE.from_pretrained``. Validation and
-test run sharded too; after ``fit`` every rank holds all experts again.
+load at any other degree, in plain DDP, on one process and in ``MultiMoE.from_pretrained``. Validation
+within ``fit`` runs sharded; after ``fit`` every rank holds all experts again, as in ``validate``, ``test``
+and ``predict``.
 
     python train.py fit --config configs/default.yaml --trainer.devices 4 \\
         --trainer.strategy multimoe.training.parallel.ExpertParallelStrategy \\
@@ -46,15 +47,16 @@ class ExpertParallelStrategy(DDPStrategy):
         self.sharded: dict[str, torch.nn.Parameter] = {}  # LightningModule state key -> this rank's experts
 
     def setup(self, trainer: L.Trainer) -> None:
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting:  # before DDP wraps the model and the optimizer is built: both see this rank's experts
+        """``fit`` shards the experts before DDP wraps the model and the optimizer is built, so both see this
+        rank's experts only. ``validate``, ``test`` and ``predict`` keep every expert on every rank: no
+        gradients or optimizer state there, and Lightning may give the ranks unequal numbers of batches to
+        predict, which sharded experts (every forward on every rank together) cannot take."""
+        if trainer.state.fn == TrainerFn.FITTING:
             self.model_to_device()
-            self._shard(broadcast=True)
+            self._shard()
         super().setup(trainer)
-        if not fitting:  # the model was synchronized whole
-            self._shard(broadcast=False)
 
-    def _shard(self, broadcast: bool) -> None:
+    def _shard(self) -> None:
         if self.expert_parallel == 1 or self.sharded:
             return
         world, n = self.world_size, self.expert_parallel
@@ -78,9 +80,8 @@ class ExpertParallelStrategy(DDPStrategy):
                 )
         full = sum(p.numel() for _, layer in layers for p in layer.experts.parameters())
         for name, layer in layers:
-            if broadcast:  # every group starts from rank 0's experts, as DDP does with the other weights
-                for parameter in layer.experts.parameters():
-                    dist.broadcast(parameter.data, src=0)
+            for parameter in layer.experts.parameters():  # rank 0's, as DDP does with the other weights
+                dist.broadcast(parameter.data, src=0)
             try:
                 layer.shard_experts(self.mesh["expert"].get_group())
             except ValueError as error:  # adapters on the experts
@@ -155,12 +156,9 @@ class ExpertParallelStrategy(DDPStrategy):
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=False):
             for index, parameter in self._sharded_indices(optimizer):
                 entry = saved["state"].get(index, {})
+                every = (parameter.shape[0] * self.expert_parallel, *parameter.shape[1:])
                 for k, v in entry.items():
-                    if (
-                        isinstance(v, torch.Tensor)
-                        and v.ndim
-                        and v.shape[0] == parameter.shape[0] * self.expert_parallel
-                    ):
+                    if isinstance(v, torch.Tensor) and v.shape == every:  # Adam's moments of all experts
                         entry[k] = local_rows(v, self._expert_group()).clone()
         super().load_optimizer_state_dict(checkpoint)
 
