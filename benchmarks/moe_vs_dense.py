@@ -5,6 +5,7 @@
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants remedies   # every remedy
     python benchmarks/moe_vs_dense.py --config configs/default.yaml --variants moe dense --seeds 0 1 2
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants upcycling --seeds 0 1 2
+    python benchmarks/moe_vs_dense.py --config configs/fashion.yaml --variants moe dense --seeds 0 1 2
 
 ``upcycling``: the dense twin is trained once (seed 0) as the base; then, per seed, it is trained further for
 the config's epochs as it is (``dense-continued``) and upcycled into MoE (``upcycled``,
