@@ -7,10 +7,11 @@
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants upcycling --seeds 0 1 2
     python benchmarks/moe_vs_dense.py --config configs/fashion.yaml --variants moe dense --seeds 0 1 2
 
-``upcycling``: the dense twin is trained once (seed 0) as the base; then, per seed, it is trained further for
-the config's epochs as it is (``dense-continued``) and upcycled into MoE (``upcycled``,
-``--finetune.upcycle true``: top-1 experts that start as copies of each MoE block's dense FFN), with the
-same optimiser settings: the sparse upcycling recipe against spending the same steps on the dense model.
+``upcycling``: the dense twin is trained once (seed 0) as the base (or ``--base CKPT`` names one); then, per
+seed, it is trained further for the config's epochs as it is (``dense-continued``) and upcycled into MoE
+(``upcycled``, ``--finetune.upcycle true``: top-1 experts that start as copies of each MoE block's dense
+FFN), with the same optimiser settings: the sparse upcycling recipe against spending the same steps on the
+dense model.
 
 Variants change only the MoE settings of the config (``VARIANTS``); ``dense`` puts the dense FFN of the same
 active parameters in place of every MoE FFN (``moe.every: 0``, see ``configs/default_dense.yaml``). Each run
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--base", default="", help="upcycling: start from this dense checkpoint")
     parser.add_argument("extra", nargs="*", help="more train.py options for every run, after --")
     args = parser.parse_args(argv)
     variants = [v for name in args.variants for v in GROUPS.get(name, [name])]
@@ -127,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
-    base = ""
-    if any("{base}" in a for v in variants for a in VARIANTS[v]):  # upcycling: the dense base, once
+    base = args.base
+    if not base and any("{base}" in a for v in variants for a in VARIANTS[v]):  # upcycling: train a base
         run(args.config, "dense", 0, out / "base", args.extra)
         [base_path] = (out / "base" / "dense" / "seed0").rglob("last.ckpt")
         base = str(base_path)
