@@ -115,11 +115,6 @@ class MultiMoE(nn.Module, Pretrained):
         for layer in self.moe_layers():
             layer.shard_experts(group)
 
-    def gather_experts(self) -> None:
-        """Undo ``shard_experts``: all experts on every rank again (a collective)."""
-        for layer in self.moe_layers():
-            layer.gather_experts()
-
     @torch.no_grad()
     def update_routing_bias(self, tokens_per_expert: list[torch.Tensor]) -> None:
         """Auxiliary-loss-free balancing: one bias step per MoE layer from its

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,7 +12,7 @@ from multimoe.config import BalanceGroups
 from multimoe.moe.dispatch import DispatchKind
 from multimoe.moe.experts import Experts
 from multimoe.moe.losses import load_balancing_loss, router_entropy, router_z_loss
-from multimoe.moe.parallel import gather, local_rows, run_experts_parallel, shard
+from multimoe.moe.parallel import gather, run_experts_parallel, shard
 from multimoe.moe.router import Router, Routing
 
 
@@ -68,8 +67,7 @@ class MoELayer(nn.Module):
 
     def shard_experts(self, group: dist.ProcessGroup | None = None) -> None:
         """Keep only this rank's share of the experts (``multimoe.moe.parallel``). Every forward then
-        exchanges tokens with the other ranks of ``group`` (default: all), which must run it together. A
-        state dict with all the experts still loads: each rank takes its own rows."""
+        exchanges tokens with the other ranks of ``group`` (default: all), which must run it together."""
         if type(self.experts) is not Experts:
             raise ValueError(
                 f"expert parallelism needs plain experts, not {type(self.experts).__name__} (adapters on the "
@@ -83,17 +81,6 @@ class MoELayer(nn.Module):
         if self.expert_parallel:
             self.experts = gather(self.experts, self.expert_group)
             self.expert_parallel, self.expert_group = False, None
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        if self.expert_parallel:  # a checkpoint holds all experts: keep this rank's
-            for name, local in self.experts.named_parameters():
-                key = f"{prefix}experts.{name}"
-                if (
-                    key in state_dict
-                    and state_dict[key].shape[0] == self.router.num_experts != local.shape[0]
-                ):
-                    state_dict[key] = local_rows(state_dict[key], self.expert_group)
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         capacity = self.capacity_factor

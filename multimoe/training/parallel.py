@@ -71,20 +71,13 @@ class ExpertParallelStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
-        for name, layer in layers:
-            if layer.router.num_experts % n:
-                experts = layer.router.num_experts
-                raise ConfigError(
-                    f"trainer.strategy.expert_parallel={n}: {name} has {experts} experts, which do not split "
-                    f"evenly over {n} ranks (set model.config.moe's expert counts to fit)"
-                )
         full = sum(p.numel() for _, layer in layers for p in layer.experts.parameters())
         for name, layer in layers:
             for parameter in layer.experts.parameters():  # rank 0's, as DDP does with the other weights
                 dist.broadcast(parameter.data, src=0)
             try:
                 layer.shard_experts(self.mesh["expert"].get_group())
-            except ValueError as error:  # adapters on the experts
+            except ValueError as error:  # experts that do not split evenly, or adapters on them
                 raise ConfigError(f"trainer.strategy.expert_parallel={n}: {name}: {error}") from None
             self.sharded |= {f"{name}.experts.{k}": p for k, p in layer.experts.named_parameters()}
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(self.sharded))
