@@ -3,7 +3,7 @@
 
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml                       # moe, dense
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants remedies   # every remedy
-    python benchmarks/moe_vs_dense.py --config configs/default.yaml --variants moe dense --seeds 0 1 2
+    python benchmarks/moe_vs_dense.py --config configs/default.yaml --variants moe dense --seeds 0 1 2 --jobs 2
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants upcycling --seeds 0 1 2
     python benchmarks/moe_vs_dense.py --config configs/fashion.yaml --variants moe dense --seeds 0 1 2
 
@@ -23,7 +23,9 @@ validation. Writes ``<out>/study.json`` and ``<out>/study.md``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -52,14 +54,17 @@ GROUPS = {"remedies": ["moe", *REMEDIES, "balance-per-batch"], "upcycling": ["de
 SCORES = ("test/acc", "test/macro_f1", "test/caption_exact", "test/bleu4")
 
 
-def run(config: str, variant: str, seed: int, out: Path, extra: list[str], base: str = "") -> dict[str, Any]:
+def run(
+    config: str, variant: str, seed: int, out: Path, extra: list[str], base: str = "", threads: int = 0
+) -> dict[str, Any]:
     folder = out / variant / f"seed{seed}"
     metrics = folder / "metrics.json"
     command = [sys.executable, "train.py", "fit", f"--config={config}", f"--seed_everything={seed}"]
     command += [f"--trainer.default_root_dir={folder}", "--trainer.enable_progress_bar=false"]
     command += [f"--metrics_file={metrics}", *(a.format(base=base) for a in VARIANTS[variant]), *extra]
     start = time.monotonic()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.monotonic() - start
     (folder / "stderr.txt").parent.mkdir(parents=True, exist_ok=True)
     (folder / "stderr.txt").write_text(result.stderr)
@@ -122,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--base", default="", help="upcycling: start from this dense checkpoint")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, the CPU threads split among them (small models "
+        "keep 2 cores busier as 2 one-thread runs than as one two-thread run)",
+    )
     parser.add_argument("extra", nargs="*", help="more train.py options for every run, after --")
     args = parser.parse_args(argv)
     variants = [v for name in args.variants for v in GROUPS.get(name, [name])]
@@ -134,11 +146,15 @@ def main(argv: list[str] | None = None) -> None:
         run(args.config, "dense", 0, out / "base", args.extra)
         [base_path] = (out / "base" / "dense" / "seed0").rglob("last.ckpt")
         base = str(base_path)
-    runs = []
-    for seed in args.seeds:  # seeds outermost: an interrupted study still compares every variant
-        for variant in variants:
-            runs.append(run(args.config, variant, seed, out, args.extra, base))
-            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    todo = [(v, seed) for seed in args.seeds for v in variants]  # seeds outermost: a stopped study has all
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run, args.config, v, seed, out, args.extra, base, threads) for v, seed in todo]
+        for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:  # a failed run stops the study
+                pool.shutdown(cancel_futures=True)
+            print(json.dumps(future.result()), file=sys.stderr, flush=True)
+    runs = [future.result() for future in futures]
     study = {
         "config": args.config,
         "command": " ".join(["python", "benchmarks/moe_vs_dense.py", *sys.argv[1:]]),
