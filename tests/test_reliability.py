@@ -368,8 +368,21 @@ EXPERT_PARALLEL = "multimoe.training.parallel.ExpertParallelStrategy"
             [f"--trainer.strategy={EXPERT_PARALLEL}", "--trainer.strategy.expert_parallel=2"],
             "trainer.strategy.expert_parallel=2: must be at least 1 and divide the 1 processes",
         ),
+        (
+            ["--trainer.enable_checkpointing=false"],
+            "`enable_checkpointing=False` but found `ModelCheckpoint`",
+        ),
     ],
-    ids=["top_k-0", "top_k-too-big", "negative-lr", "batch-size-0", "dropout-1.5", "ep-0", "ep-too-many"],
+    ids=[
+        "top_k-0",
+        "top_k-too-big",
+        "negative-lr",
+        "batch-size-0",
+        "dropout-1.5",
+        "ep-0",
+        "ep-too-many",
+        "checkpointing-off",
+    ],
 )
 def test_a_bad_value_gets_one_line_naming_it(
     tmp_path: Path,

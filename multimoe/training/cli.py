@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from multimoe.config import ConfigError, MultiMoEConfig
 from multimoe.data.datamodule import MultiModalDataModule
@@ -210,7 +211,8 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of train.py; bad manifests and configs end with one clear line, not a stack trace."""
+    """Entry point of train.py; bad manifests, configs and Trainer settings end with one clear line, not a
+    stack trace."""
     try:
         MultiMoECLI(
             MultiMoEModule,
@@ -219,7 +221,14 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"callbacks": [SeedEveryStep()]},
             args=args,
         )
-    except (ManifestError, ConfigError, CheckpointError, FileNotFoundError, NonFiniteError) as error:
+    except (
+        ManifestError,
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        NonFiniteError,
+        MisconfigurationException,  # Lightning's word on Trainer settings that do not go together
+    ) as error:
         # From a DataLoader worker the message holds the worker's traceback; its last line is the error.
         message = (
             str(error).strip().splitlines()[-1].removeprefix(f"{ManifestError.__module__}.ManifestError: ")
