@@ -3,7 +3,7 @@
 
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml                       # moe, dense
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants remedies   # every remedy
-    python benchmarks/moe_vs_dense.py --config configs/default.yaml --variants moe dense --seeds 0 1 2 --jobs 2
+    python benchmarks/moe_vs_dense.py --config configs/default.yaml --variants remedies dense --jobs 2
     python benchmarks/moe_vs_dense.py --config configs/avmnist.yaml --variants upcycling --seeds 0 1 2
     python benchmarks/moe_vs_dense.py --config configs/fashion.yaml --variants moe dense --seeds 0 1 2
 
@@ -46,11 +46,15 @@ VARIANTS: dict[str, list[str]] = {
     "z-loss-0.01": [f"{MOE}z_loss_coef=0.01"],
     "expert-choice": [f"{MOE}router=expert_choice", f"{MOE}capacity_factor=1.0"],
     "balance-per-batch": [f"{MOE}balance_groups=batch"],
+    "balance-per-modality": [f"{MOE}balance_groups=modality"],
     "dense-continued": ["--finetune.checkpoint={base}"],
     "upcycled": ["--finetune.checkpoint={base}", "--finetune.upcycle=true"],
 }
 REMEDIES = ["balance-0.1", "balance-0", "bias-balancing", "z-loss-0", "z-loss-0.01", "expert-choice"]
-GROUPS = {"remedies": ["moe", *REMEDIES, "balance-per-batch"], "upcycling": ["dense-continued", "upcycled"]}
+GROUPS = {
+    "remedies": ["moe", *REMEDIES, "balance-per-batch", "balance-per-modality"],
+    "upcycling": ["dense-continued", "upcycled"],
+}
 SCORES = ("test/acc", "test/macro_f1", "test/caption_exact", "test/bleu4")
 
 

@@ -137,6 +137,22 @@ def test_a_planted_collapse_is_reported_with_its_step_and_the_sanity_check_gives
     assert "MoE layer 1, image: expert 2 picked by 100% of the tokens" in message
 
 
+@pytest.mark.parametrize(
+    ("groups", "remedy"),
+    [("modality", "raise moe.load_balance_coef"), ("batch", "balance per modality (moe.balance_groups")],
+)
+def test_the_remedy_named_fits_how_the_loss_groups_tokens(
+    groups: str, remedy: str, digit_manifests: dict[str, Path], tmp_path: Path
+) -> None:
+    module, data = planted({"balance_groups": groups}, digit_manifests)
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        L.Trainer(default_root_dir=tmp_path, limit_val_batches=1, **quiet).validate(module, datamodule=data)
+    [message] = messages(record)
+    assert remedy in message, message
+
+
 def test_validation_logs_the_bits_of_specialization(digit_manifests: dict[str, Path], tmp_path: Path) -> None:
     module, data = planted({}, digit_manifests)
     trainer = L.Trainer(

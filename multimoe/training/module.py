@@ -305,10 +305,10 @@ class MultiMoEModule(L.LightningModule):
         ]
         collapse = [line for line, (_, v) in zip(lines, found, strict=True) if v.kind == "collapse"]
         if collapse:
-            rank_zero_warn(
-                f"routing collapse in {where}: " + "; ".join(collapse) + "; raise moe.load_balance_coef or "
-                "set moe.bias_update_rate"
-            )
+            remedy = "raise moe.load_balance_coef or set moe.bias_update_rate"
+            if self.config.moe.balance_groups == "batch":  # the loss cannot see a modality's own experts
+                remedy = "to keep every expert in use, balance per modality (moe.balance_groups: modality)"
+            rank_zero_warn(f"routing collapse in {where}: " + "; ".join(collapse) + f"; {remedy}")
         uneven = [line for line, (_, v) in zip(lines, found, strict=True) if v.kind == "imbalance"]
         if stage == "val":
             self.imbalance = f"{where}: " + "; ".join(uneven) if uneven else ""
