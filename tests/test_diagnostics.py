@@ -89,6 +89,19 @@ def test_collapse_is_told_from_imbalance(shares: list[float], kind: str | None, 
     assert verdicts(torch.tensor([[0, 0], [0, 0], [0.9, 0.1]]), two, top_k=2) == []
 
 
+def test_a_cross_modal_expert_one_modality_leaves_to_another_is_not_a_collapse() -> None:
+    allowed = modality_expert_mask([1, 2], 3, 2, 2)  # image: experts 0, 1; audio: 2, 3; cross-modal 4, 5
+    table = torch.full((3, 6), float("nan"))
+    table[1, [0, 1, 4, 5]] = torch.tensor([0.30, 0.25, 0.25, 0.20])
+    table[2, [2, 3, 4, 5]] = torch.tensor([0.40, 0.38, 0.20, 0.02])  # audio leaves expert 5 to the image
+    [verdict] = verdicts(table, allowed, top_k=2)
+    assert (verdict.kind, verdict.modality, verdict.expert) == ("imbalance", 2, 5)
+    assert verdict.what.endswith("but used by another modality")
+    table[1, [0, 1, 4, 5]] = torch.tensor([0.40, 0.35, 0.24, 0.01])  # and the image leaves it too
+    found = verdicts(table, allowed, top_k=2)
+    assert [(v.kind, v.modality, v.expert) for v in found] == [("collapse", 1, 5), ("collapse", 2, 5)]
+
+
 def planted(
     config_moe: dict[str, object], digit_manifests: dict[str, Path]
 ) -> tuple[MultiMoEModule, MultiModalDataModule]:

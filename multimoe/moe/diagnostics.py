@@ -173,9 +173,18 @@ def verdicts(shares: torch.Tensor, allowed: torch.Tensor, top_k: int) -> list[Ve
             found.append(Verdict("collapse", m, options[high], float(row[high]), even, what))
         elif float(row[low]) < DEAD_OF_EVEN * even:
             what = f"left almost unused ({float(row[low]):.3f} of the assignments)"
-            found.append(Verdict("collapse", m, options[low], float(row[low]), even, what))
+            kind = "collapse"
+            if _used_by_another(shares, allowed, m, options[low]):  # a cross-modal expert: not wasted
+                kind, what = "imbalance", what + " but used by another modality"
+            found.append(Verdict(kind, m, options[low], float(row[low]), even, what))
         elif float(row[high]) > UNEVEN * even or float(row[low]) < even / UNEVEN:
             e = high if float(row[high]) / even >= even / max(float(row[low]), 1e-12) else low
             what = f"gets {float(row[e]):.2f} of the assignments"
             found.append(Verdict("imbalance", m, options[e], float(row[e]), even, what))
     return found
+
+
+def _used_by_another(shares: torch.Tensor, allowed: torch.Tensor, modality: int, expert: int) -> bool:
+    """Whether a modality other than ``modality`` gives ``expert`` at least a tenth of its even share."""
+    others = [m for m in range(shares.shape[0]) if m != modality and bool(allowed[m, expert])]
+    return any(float(shares[m, expert]) >= DEAD_OF_EVEN / int(allowed[m].sum()) for m in others)
